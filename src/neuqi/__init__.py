@@ -1,0 +1,1 @@
+"""NeUQI: streaming, resumable uniform quantization of LLMs."""
