@@ -1,0 +1,145 @@
+"""Tests for neuqi.calib: loading calibration text and cutting seeded token windows."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuqi.calib import calibration_windows, load_calibration_text, sample_windows
+from neuqi.errors import UserError
+
+SHARED_BOOK = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pride-and-prejudice.txt"
+)
+
+
+def test_shipped_text_loads_and_is_long() -> None:
+    text = load_calibration_text(None)
+    assert len(text) > 500_000
+    assert "It is a truth universally acknowledged" in text
+    assert "Project Gutenberg" in text  # licence text kept
+    if SHARED_BOOK.is_file():
+        assert text == SHARED_BOOK.read_text(encoding="utf-8")
+
+
+def test_single_file(tmp_path: Path) -> None:
+    f = tmp_path / "a.txt"
+    f.write_bytes("héllo\r\nwörld\n".encode())
+    assert load_calibration_text(f) == "héllo\nwörld\n"
+
+
+def test_folder_joins_txt_files_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("first", encoding="utf-8")
+    (tmp_path / "c.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "0.txt").write_text("not recursive", encoding="utf-8")
+    assert load_calibration_text(tmp_path) == "first\n\nsecond"
+
+
+def test_folder_without_txt(tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=r"--calib .* without \*\.txt files"):
+        load_calibration_text(tmp_path)
+
+
+@pytest.mark.parametrize("blob", [b"text\x00with nul", b"\xff\xfe\xfa bad utf-8"])
+def test_non_text_file_names_the_file(tmp_path: Path, blob: bytes) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(blob)
+    with pytest.raises(UserError) as info:
+        load_calibration_text(f)
+    assert str(info.value).startswith(f"--calib {f} is not a UTF-8 text file")
+
+
+def test_non_text_file_in_folder_names_that_file(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("ok", encoding="utf-8")
+    bad = tmp_path / "b.txt"
+    bad.write_bytes(b"\x00\x01")
+    with pytest.raises(UserError, match=re.escape(f"--calib {bad} is not a UTF-8 text file")):
+        load_calibration_text(tmp_path)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(UserError, match=re.escape(f"--calib {missing} does not exist")):
+        load_calibration_text(missing)
+
+
+def test_hub_name_is_not_available_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="hub are not available offline.*text file"):
+        load_calibration_text(Path("wikitext/wikitext-2-raw-v1"))
+
+
+def test_windows_shape_bounds_and_content() -> None:
+    ids = torch.arange(1000, dtype=torch.int64)
+    w = sample_windows(ids, nsamples=64, seqlen=100, seed=0)
+    assert w.shape == (64, 100)
+    assert w.dtype == torch.int64
+    assert int(w.min()) >= 0 and int(w.max()) <= 999
+    # Each window is a contiguous slice of the tokens.
+    assert torch.equal(w - w[:, :1], torch.arange(100).expand(64, 100))
+    # Starts spread over the allowed range [0, 900].
+    assert int(w[:, 0].max()) <= 900 and len(set(w[:, 0].tolist())) > 1
+
+
+def test_windows_deterministic_per_seed() -> None:
+    ids = torch.arange(5000, dtype=torch.int64)
+    a = sample_windows(ids, 16, 64, seed=7)
+    b = sample_windows(ids.clone(), 16, 64, seed=7)
+    c = sample_windows(ids, 16, 64, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # Pinned starts: the same on every machine for a given torch generator.
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    expected = torch.randint(0, 5000 - 64 + 1, (16,), generator=gen, dtype=torch.int64)
+    assert torch.equal(a[:, 0], expected)
+
+
+def test_windows_may_overlap_and_cover_exact_length() -> None:
+    ids = torch.arange(10, dtype=torch.int64)
+    w = sample_windows(ids, nsamples=5, seqlen=10, seed=3)
+    assert torch.equal(w, ids.expand(5, 10))
+
+
+def test_too_short_text() -> None:
+    with pytest.raises(UserError, match="calibration text has 10 tokens, fewer than --seqlen 11"):
+        sample_windows(torch.arange(10), nsamples=1, seqlen=11, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("nsamples", "seqlen", "option"), [(0, 8, "--nsamples"), (1, 1, "--seqlen")]
+)
+def test_bad_sizes(nsamples: int, seqlen: int, option: str) -> None:
+    with pytest.raises(UserError, match=option):
+        sample_windows(torch.arange(100), nsamples=nsamples, seqlen=seqlen, seed=0)
+
+
+def _tiny_tokenizer():
+    """A real Hugging Face fast tokenizer, built in memory: whitespace words, max length 4."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = ["[UNK]", "the", "cat", "sat", "on", "mat"]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", model_max_length=4
+    )
+
+
+def test_calibration_windows_with_tokenizer(capfd: pytest.CaptureFixture[str]) -> None:
+    tokenizer = _tiny_tokenizer()
+    text = "the cat sat on the mat " * 50  # 300 tokens, far over model_max_length
+    w = calibration_windows(tokenizer, text, nsamples=8, seqlen=12, seed=1)
+    ids = torch.tensor([1, 2, 3, 4, 1, 5] * 50)
+    assert w.shape == (8, 12) and w.dtype == torch.int64
+    assert torch.equal(w, sample_windows(ids, 8, 12, seed=1))
+    assert torch.equal(w, calibration_windows(tokenizer, text, 8, 12, seed=1))
+    assert "Token indices sequence length" not in capfd.readouterr().err
+    with pytest.raises(UserError, match="fewer than --seqlen 400"):
+        calibration_windows(tokenizer, text, nsamples=1, seqlen=400, seed=0)
+    with pytest.raises(UserError, match="--nsamples"):
+        calibration_windows(tokenizer, text, nsamples=0, seqlen=4, seed=0)
