@@ -1,0 +1,316 @@
+"""A safetensors checkpoint on disk, read tensor by tensor and validated up front."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuqi.errors import UserError
+from neuqi.models import ArchSpec, arch_for
+
+__all__ = ["HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+# Largest safetensors header we accept (the format's own limit is 100 MB).
+_MAX_HEADER = 100_000_000
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """Raw header bytes and parsed header of a safetensors file; UserError if damaged."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise UserError(
+                f"{path}: truncated or not a safetensors file (header of {n} bytes, file of "
+                f"{size}); re-download it"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"{path}: damaged safetensors header ({e}); re-download it") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: damaged safetensors header (not an object); re-download it")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            _begin, stop = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(
+                f"{path}: damaged safetensors header at {name!r}; re-download it"
+            ) from None
+        end = max(end, int(stop))
+    if 8 + n + end > size:
+        raise UserError(
+            f"{path}: truncated safetensors file (header needs {8 + n + end} bytes, file has "
+            f"{size}); re-download it"
+        )
+    return raw, header
+
+
+def _plain_file_name(value: Any, index: Path) -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or "\0" in value
+        or Path(value).name != value
+    ):
+        raise UserError(
+            f"{index}: shard name {value!r} is not a plain file name in the model folder; "
+            f"fix weight_map in {INDEX_FILE}"
+        )
+    return value
+
+
+class Checkpoint:
+    """A local Hugging Face checkpoint (config.json + safetensors), validated when opened.
+
+    Attributes: ``path`` (the folder), ``config`` (transformers config, attention set to SDPA),
+    ``arch`` (:class:`~neuqi.models.ArchSpec`).
+    """
+
+    path: Path
+    config: Any
+    arch: ArchSpec
+
+    def __init__(
+        self,
+        path: Path,
+        config: Any,
+        arch: ArchSpec,
+        weight_map: dict[str, str],
+        headers: dict[str, dict[str, Any]],
+        header_hashes: dict[str, str],
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.arch = arch
+        self._weight_map = weight_map
+        self._headers = headers
+        self._header_hashes = header_hashes
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Open and validate a model folder; every problem found is a one-line UserError."""
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{path}: model folder does not exist")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"{config_file}: missing; the model folder needs its config.json")
+        try:
+            raw_config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{config_file}: not valid JSON ({e})") from None
+        if not isinstance(raw_config, dict):
+            raise UserError(f"{config_file}: not a JSON object")
+        try:
+            arch = arch_for(raw_config)
+        except UserError as e:
+            raise UserError(f"{path}/{e}") from None
+        config = _load_config(path)
+        arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
+        config._attn_implementation = "sdpa"
+
+        weight_map = _weight_map(path)
+        headers: dict[str, dict[str, Any]] = {}
+        hashes: dict[str, str] = {}
+        for shard in sorted(set(weight_map.values())):
+            raw, header = _read_header(path / shard)
+            headers[shard] = header
+            hashes[shard] = hashlib.sha256(raw).hexdigest()
+            _check_safe_open(path / shard)
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise UserError(
+                    f"{path / INDEX_FILE}: tensor {name} is mapped to {shard}, which does not "
+                    f"contain it; fix the index or re-download the checkpoint"
+                )
+        ckpt = cls(path, config, arch, weight_map, headers, hashes)
+        ckpt._check_complete()
+        return ckpt
+
+    def _check_complete(self) -> None:
+        """Embedding, final norm, head and every layer's linear weights are present."""
+        needed = [self.arch.embed, self.arch.final_norm, self.lm_head_name]
+        for i in range(self.layer_count):
+            needed += [f"{self.arch.layer_prefix(i)}{n}.weight" for n in self.arch.linears]
+        for name in needed:
+            if name not in self._weight_map:
+                raise UserError(
+                    f"{self.path}: tensor {name} is missing from the checkpoint; it does not match "
+                    f"config.json (num_hidden_layers={self.layer_count})"
+                )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def names(self) -> list[str]:
+        """All tensor names, sorted."""
+        return sorted(self._weight_map)
+
+    def has(self, name: str) -> bool:
+        """Whether tensor ``name`` is in the checkpoint."""
+        return name in self._weight_map
+
+    @property
+    def layer_count(self) -> int:
+        """Number of decoder layers (``config.num_hidden_layers``)."""
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def shards(self) -> list[str]:
+        """Safetensors file names, sorted."""
+        return sorted(self._headers)
+
+    @property
+    def lm_head_name(self) -> str:
+        """Tensor holding the output projection: ``lm_head.weight``, or the embedding when tied."""
+        if self.has(self.arch.lm_head):
+            return self.arch.lm_head
+        if getattr(self.config, "tie_word_embeddings", False):
+            return self.arch.embed
+        return self.arch.lm_head  # reported as missing by _check_complete
+
+    def shard_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self.path / self._shard(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Stored shape of tensor ``name``, from the header (no data read)."""
+        return tuple(self._headers[self._shard(name)][name]["shape"])
+
+    def stored_dtype(self, name: str) -> str:
+        """Stored safetensors dtype string of ``name`` (e.g. ``"BF16"``)."""
+        return str(self._headers[self._shard(name)][name]["dtype"])
+
+    def _shard(self, name: str) -> str:
+        try:
+            return self._weight_map[name]
+        except KeyError:
+            raise UserError(f"{self.path}: tensor {name} is not in the checkpoint") from None
+
+    # ------------------------------------------------------------------ reading
+    def read(
+        self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """One tensor, read alone from its shard; floating tensors cast to ``dtype`` if given."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.shard_of(name)), framework="pt") as f:
+            t = f.get_tensor(name)
+        t = t.to(device)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json, the index (if any) and each shard's name, size and header hash."""
+        h = hashlib.sha256()
+        h.update(b"config.json\0" + (self.path / "config.json").read_bytes())
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            h.update(b"\0" + INDEX_FILE.encode() + b"\0" + index.read_bytes())
+        for shard in self.shards:
+            size = (self.path / shard).stat().st_size
+            h.update(f"\0{shard}\0{size}\0{self._header_hashes[shard]}".encode())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (
+            f"Checkpoint({str(self.path)!r}, model_type={self.config.model_type!r}, "
+            f"layers={self.layer_count}, shards={len(self._headers)})"
+        )
+
+
+def _load_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path / 'config.json'}: transformers cannot read it ({msg})") from None
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or the single file; shards checked to exist."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{index}: not valid JSON ({e})") from None
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise UserError(f"{index}: has no weight_map; re-download the checkpoint")
+        for name, shard in wm.items():
+            if not isinstance(name, str):
+                raise UserError(f"{index}: tensor name {name!r} is not a string")
+            _plain_file_name(shard, index)
+        for shard in sorted(set(wm.values())):
+            if not (path / shard).is_file():
+                raise UserError(
+                    f"{path / shard}: shard named in {INDEX_FILE} is missing; re-download it"
+                )
+        return dict(wm)
+    single = path / SINGLE_FILE
+    if single.is_file():
+        _raw, header = _read_header(single)
+        return {name: SINGLE_FILE for name in header if name != "__metadata__"}
+    raise UserError(
+        f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; neuqi reads safetensors checkpoints only"
+    )
+
+
+def _check_safe_open(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{file}: unreadable safetensors file ({msg}); re-download it") from None
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder as is; ``"smollm2"`` is the demo model; anything else a hub id, downloaded."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    if model == "smollm2":
+        from neuqi.demo_model import ensure_smollm2
+
+        return ensure_smollm2()
+    if not _HUB_ID.match(model) or local.exists():
+        raise UserError(f"--model {model}: folder does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: all the same to the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--model {model}: no such folder, and the hub id could not be fetched ({msg}); "
+            f"pass a local folder with config.json and *.safetensors"
+        ) from None

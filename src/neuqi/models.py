@@ -1,0 +1,295 @@
+"""Supported architectures, as data, and the blocks that run a model one decoder layer at a time.
+
+Every block takes an explicit ``device`` and ``dtype``; nothing here moves tensors on its own.
+The decoder layer, RMSNorm and rotary classes are transformers' own, so the streamed forward pass
+is the library's modelling code, not a re-implementation.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from neuqi.errors import UserError
+
+if TYPE_CHECKING:
+    from neuqi.checkpoint import Checkpoint
+
+__all__ = [
+    "ARCHITECTURES",
+    "LLAMA_LIKE",
+    "SUPPORTED_FAMILIES",
+    "ArchSpec",
+    "LMHead",
+    "arch_for",
+    "build_embedding",
+    "build_head",
+    "build_layer",
+    "build_rotary",
+    "causal_mask_for",
+    "decoder_layer_class",
+    "layer_forward",
+    "position_embeddings_for",
+]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Tensor names and linear layout shared by a set of model families (``config.model_type``).
+
+    ``linear_groups`` is ordered as the layer runs: ``(input_name, (linear, ...))``; the linears of
+    one group read the same input, so they share one Hessian.  Linear names are relative to a
+    decoder layer (``self_attn.q_proj``); the tensor is ``f"{layer_prefix(i)}{name}.weight"``.
+    """
+
+    name: str
+    families: tuple[str, ...]
+    # model_type -> prefix of the transformers classes: transformers.models.<family>.modeling_<family>
+    # .<Prefix>DecoderLayer / <Prefix>RMSNorm / <Prefix>RotaryEmbedding.
+    class_prefixes: tuple[tuple[str, str], ...]
+    linear_groups: tuple[tuple[str, tuple[str, ...]], ...]
+    layers_prefix: str = "model.layers"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+
+    def layer_prefix(self, index: int) -> str:
+        """Prefix of decoder layer ``index``'s tensor names, with the trailing dot."""
+        return f"{self.layers_prefix}.{index}."
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """All linear names of a decoder layer, in execution order."""
+        return tuple(name for _, names in self.linear_groups for name in names)
+
+    def group_of(self, linear: str) -> str:
+        """The input (Hessian) group a linear belongs to."""
+        for group, names in self.linear_groups:
+            if linear in names:
+                return group
+        raise KeyError(linear)
+
+    def class_prefix(self, family: str) -> str:
+        """The transformers class-name prefix of ``family`` (``"llama"`` -> ``"Llama"``)."""
+        return dict(self.class_prefixes)[family]
+
+
+LLAMA_LIKE = ArchSpec(
+    name="llama-like",
+    families=("llama", "mistral", "qwen2", "qwen3"),
+    class_prefixes=(
+        ("llama", "Llama"),
+        ("mistral", "Mistral"),
+        ("qwen2", "Qwen2"),
+        ("qwen3", "Qwen3"),
+    ),
+    linear_groups=(
+        ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("attn_out", ("self_attn.o_proj",)),
+        ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp_out", ("mlp.down_proj",)),
+    ),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE,)
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(f for a in ARCHITECTURES for f in a.families)
+
+# Config keys that mark a mixture-of-experts model even under a supported model_type.
+_MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def arch_for(config: Any) -> ArchSpec:
+    """The ArchSpec of a transformers config (or a config.json dict); UserError if unsupported."""
+    model_type = _get(config, "model_type")
+    archs = _get(config, "architectures") or []
+    shown = f"model_type {model_type!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
+    supported = ", ".join(SUPPORTED_FAMILIES)
+    for arch in ARCHITECTURES:
+        if model_type in arch.families:
+            if any(_get(config, k) for k in _MOE_KEYS):
+                raise UserError(
+                    f"config.json: {shown} is a mixture-of-experts model, which neuqi does not "
+                    f"support; supported dense families: {supported}"
+                )
+            heterogeneous = (
+                bool(config.get("per_layer_config"))
+                if isinstance(config, Mapping)
+                else bool(getattr(config, "is_heterogeneous", False))
+            )
+            if heterogeneous:
+                raise UserError(
+                    f"config.json: {shown} has per_layer_config (layers of different shapes), "
+                    f"which neuqi does not support"
+                )
+            return arch
+    raise UserError(
+        f"config.json: architecture {shown} is not supported; supported model_type: {supported}"
+    )
+
+
+def _modeling_module(family: str) -> Any:
+    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+
+
+def _family_class(config: Any, suffix: str) -> type[nn.Module]:
+    arch = arch_for(config)
+    family = config.model_type
+    return getattr(_modeling_module(family), arch.class_prefix(family) + suffix)
+
+
+def decoder_layer_class(config: Any) -> type[nn.Module]:
+    """The transformers decoder-layer class of ``config``'s family (e.g. LlamaDecoderLayer)."""
+    return _family_class(config, "DecoderLayer")
+
+
+def _materialise(
+    module: nn.Module,
+    ckpt: Checkpoint,
+    prefix: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    """Fill a meta-device ``module`` from the tensors named ``prefix + key`` (strict), in eval mode."""
+    wanted = list(module.state_dict().keys())
+    have = {n[len(prefix) :] for n in ckpt.names if n.startswith(prefix)}
+    # Old LLaMA checkpoints stored the rotary inverse frequencies; they are recomputed, not loaded.
+    have = {n for n in have if not n.endswith("rotary_emb.inv_freq")}
+    missing = [k for k in wanted if k not in have]
+    if missing:
+        raise UserError(
+            f"{ckpt.path}: tensor {prefix}{missing[0]} is missing from the checkpoint "
+            f"({len(missing)} missing); the checkpoint does not match its config.json"
+        )
+    extra = sorted(have - set(wanted))
+    if extra:
+        raise UserError(
+            f"{ckpt.path}: tensor {prefix}{extra[0]} is not used by {type(module).__name__} "
+            f"({len(extra)} unexpected); the checkpoint does not match its config.json"
+        )
+    state = {k: ckpt.read(prefix + k, device=device, dtype=dtype) for k in wanted}
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a buffer that is neither in the checkpoint nor rebuilt: a modelling-code change
+        raise RuntimeError(f"{type(module).__name__}: {left[0]} was not materialised")
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_layer(
+    ckpt: Checkpoint, index: int, device: torch.device | str, dtype: torch.dtype | None
+) -> nn.Module:
+    """Decoder layer ``index`` as transformers' own class, filled from ``ckpt``, in eval mode.
+
+    Built on the meta device, then only this layer's tensors are read.  ``dtype=None`` keeps the
+    stored dtype.
+    """
+    if not 0 <= index < ckpt.layer_count:
+        raise IndexError(f"layer {index} out of range (model has {ckpt.layer_count})")
+    cls = decoder_layer_class(ckpt.config)
+    with torch.device("meta"):
+        layer = cls(ckpt.config, index)
+    return _materialise(layer, ckpt, ckpt.arch.layer_prefix(index), device, dtype)
+
+
+def build_embedding(
+    ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype | None
+) -> nn.Embedding:
+    """The token embedding (``model.embed_tokens``), frozen, in eval mode."""
+    weight = ckpt.read(ckpt.arch.embed, device=device, dtype=dtype)
+    return nn.Embedding.from_pretrained(weight, freeze=True).eval()
+
+
+class LMHead(nn.Module):
+    """Final RMSNorm then ``lm_head``: hidden states [b, s, h] -> logits [b, s, vocab]."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def build_head(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype | None) -> LMHead:
+    """Final norm + lm_head; ``lm_head`` is read from the embedding when the model ties them."""
+    config, arch = ckpt.config, ckpt.arch
+    norm_cls = _family_class(config, "RMSNorm")
+    with torch.device("meta"):
+        norm = norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    weight_name = ckpt.lm_head_name
+    norm.load_state_dict(
+        {"weight": ckpt.read(arch.final_norm, device=device, dtype=dtype)}, strict=True, assign=True
+    )
+    lm_head.load_state_dict(
+        {"weight": ckpt.read(weight_name, device=device, dtype=dtype)}, strict=True, assign=True
+    )
+    head = LMHead(norm, lm_head)
+    head.requires_grad_(False)
+    return head.eval()
+
+
+def build_rotary(config: Any, device: torch.device | str) -> nn.Module:
+    """The family's rotary-embedding module, computed for real (its buffers are not checkpointed)."""
+    cls = _family_class(config, "RotaryEmbedding")
+    with torch.device("cpu"):
+        rotary = cls(config=config)
+    return rotary.to(device).eval()
+
+
+def position_embeddings_for(
+    rotary: nn.Module, hidden: torch.Tensor, seq_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for positions 0..seq_len-1 in ``hidden``'s dtype and device, batch dim 1."""
+    seq_len = hidden.shape[1] if seq_len is None else seq_len
+    position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
+    with torch.no_grad():
+        return rotary(hidden, position_ids)
+
+
+def causal_mask_for(
+    layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The mask ``layer`` expects, built as its transformers model builds it.
+
+    Causal, or sliding-window causal when the layer uses a window (Mistral, Qwen2/3 sliding
+    layers); ``attention_mask`` is an optional 2-D padding mask [b, s] (1 = keep) or a ready 4-D
+    mask.  With SDPA and no padding this is ``None`` (SDPA's own ``is_causal``).
+    """
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    attn = layer.self_attn
+    config = attn.config
+    # Qwen2/Qwen3 set self_attn.sliding_window per layer (None on full layers); Mistral reads the config.
+    window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+    make = create_sliding_window_causal_mask if window is not None else create_causal_mask
+    return make(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
+
+
+def layer_forward(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run a decoder layer on [b, s, h] with causal attention; returns the new hidden states.
+
+    ``attention_mask``: as in :func:`causal_mask_for` (``None`` = no padding).
+    """
+    mask = causal_mask_for(layer, hidden, attention_mask)
+    out = layer(
+        hidden, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False
+    )
+    return out[0] if isinstance(out, tuple) else out
