@@ -18,7 +18,7 @@ from neuqi.solver import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paper_reference import paper_search  # noqa: E402
+from paper_reference import paper_search
 
 BITS = (2, 3, 4, 8)
 

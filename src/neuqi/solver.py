@@ -315,16 +315,12 @@ def search_scale(
     w_sorted, order = torch.sort(w, dim=1)
     hs_prefix, hws_prefix = _prefix_sums(w_sorted, h.gather(1, order))
 
-    def best_of(scales: Tensor, rows: Tensor | None = None) -> tuple[Tensor, ...]:
-        """Best candidate of ``scales [R, C]`` for groups ``rows`` (all when None): its scale,
+    def best_of(scales: Tensor, skip: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Best candidate of ``scales [G, C]`` (ignoring those marked in ``skip``): its scale,
         zero-point and loss, and the best scale under an integer zero-point."""
-        ws, hp, hwp, hr = w_sorted, hs_prefix, hws_prefix, h
-        wr = w
-        if rows is not None:
-            ws, hp, hwp, hr, wr = ws[rows], hp[rows], hwp[rows], hr[rows], wr[rows]
-        z0 = relaxed_zero_point(ws, hp, hwp, scales, levels)
-        x = wr.unsqueeze(1) / scales.unsqueeze(-1)  # [R, C, m]
-        h3 = hr.unsqueeze(1)
+        z0 = relaxed_zero_point(w_sorted, hs_prefix, hws_prefix, scales, levels)
+        x = w.unsqueeze(1) / scales.unsqueeze(-1)  # [G, C, m]
+        h3 = h.unsqueeze(1)
         s2 = scales * scales
         z_int = window_integer_zero_point(x, h3, z0, levels)
         loss_int = s2 * grouped_error(x, h3, z_int, levels)
@@ -332,14 +328,18 @@ def search_scale(
             z, loss = z_int, loss_int
         else:
             z, loss, bound = score(x, h3, z0, s2, levels)
+            if skip is not None:
+                loss = loss.masked_fill(skip, torch.inf)
             need = bound < loss.amin(1, keepdim=True)
             if not prune:
                 need = torch.ones_like(need)
+            if skip is not None:
+                need &= ~skip
             g_idx, c_idx = need.nonzero(as_tuple=True)
             if g_idx.numel():
                 xs = x[g_idx, c_idx]
-                z_exact = step(xs, hr[g_idx], z0[g_idx, c_idx], levels)
-                loss_exact = s2[g_idx, c_idx] * grouped_error(xs, hr[g_idx], z_exact, levels)
+                z_exact = step(xs, h[g_idx], z0[g_idx, c_idx], levels)
+                loss_exact = s2[g_idx, c_idx] * grouped_error(xs, h[g_idx], z_exact, levels)
                 better = loss_exact < loss[g_idx, c_idx]
                 z[g_idx, c_idx] = torch.where(better, z_exact, z[g_idx, c_idx])
                 loss[g_idx, c_idx] = torch.where(better, loss_exact, loss[g_idx, c_idx])
@@ -351,24 +351,21 @@ def search_scale(
     coarse = torch.arange(1, COARSE_STEPS + 1, device=w.device, dtype=w.dtype) / COARSE_STEPS
     s_c, z_c, loss_c, s_ci = best_of(s_mm.unsqueeze(1) * coarse)
     j = torch.arange(-FINE_HALF_WIDTH, FINE_HALF_WIDTH + 1, device=w.device, dtype=w.dtype)
-    j = j[j != 0] / FINE_DIVISOR
-    s_f, z_f, loss_f, _ = best_of(s_c.unsqueeze(1) + s_mm.unsqueeze(1) * j)
-    best_s = torch.where(loss_f < loss_c, s_f, s_c)
-    best_z = torch.where(loss_f < loss_c, z_f, z_c)
-    best_loss = torch.minimum(loss_f, loss_c)
-    if not integer:
+    j = s_mm.unsqueeze(1) * (j[j != 0] / FINE_DIVISOR)
+    if integer:
+        s_f, z_f, loss_f, _ = best_of(s_c.unsqueeze(1) + j)
+    else:
         # NeUQI-int centres its fine grid on its own best coarse scale; searching that grid too
-        # makes NeUQI at least as good as NeUQI-int on every group (at every scale the integers
-        # of the window are among the continuous candidates).
-        rows = (s_ci != s_c).nonzero().squeeze(1)
-        if rows.numel():
-            grid = s_ci[rows].unsqueeze(1) + s_mm[rows].unsqueeze(1) * j
-            s_i, z_i, loss_i, _ = best_of(torch.cat([s_ci[rows].unsqueeze(1), grid], 1), rows)
-            better = loss_i < best_loss[rows]
-            best_s[rows] = torch.where(better, s_i, best_s[rows])
-            best_z[rows] = torch.where(better, z_i, best_z[rows])
-            best_loss[rows] = torch.where(better, loss_i, best_loss[rows])
-    return best_s, best_z, best_loss
+        # (where it differs) makes NeUQI at least as good as NeUQI-int on every group: at every
+        # scale the integers of the window are among the continuous candidates. Both grids go in
+        # one call, so the candidate tensor has the coarse stage's shape.
+        fine = torch.cat([s_c.unsqueeze(1) + j, s_ci.unsqueeze(1) + j], 1)
+        skip = torch.cat([torch.zeros_like(j, dtype=torch.bool),
+                          (s_ci == s_c).unsqueeze(1).expand_as(j)], 1)
+        s_f, z_f, loss_f, _ = best_of(fine, skip)
+    better = loss_f < loss_c
+    return (torch.where(better, s_f, s_c), torch.where(better, z_f, z_c),
+            torch.minimum(loss_f, loss_c))
 
 
 def score_candidates(

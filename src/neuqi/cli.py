@@ -1,0 +1,167 @@
+"""The `neuqi` command line: parses options and calls the package's API, nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from neuqi.errors import UserError
+
+app = typer.Typer(
+    name="neuqi",
+    help="Quantize LLMs to 2/3/4 bits with NeUQI, one decoder layer at a time, resumably.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+class Method(str, Enum):
+    neuqi = "neuqi"
+    neuqi_int = "neuqi-int"
+    minmax = "minmax"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(
+        help="Model folder (config.json + safetensors), a hub id, or 'smollm2' for the built-in "
+             "demo model (SmolLM2-135M-Instruct).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the quantized model.")],
+    job: Annotated[Path | None, typer.Option(
+        help="Job store folder (intermediate results; default: <out>.job). Reusing it resumes.")
+    ] = None,
+    bits: Annotated[int, typer.Option(help="Bits per weight (2..8).")] = 4,
+    group_size: Annotated[int, typer.Option(
+        help="Input channels per group; -1 = one group per output channel.")] = 128,
+    method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
+        Method.neuqi),
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text: a file or a folder of .txt files (default: the shipped text).")
+    ] = None,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration window choice.")] = 0,
+    device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential/--no-sequential",
+        help="Calibrate each layer on the quantized previous layers' outputs (default) or on "
+             "full-precision ones.")] = True,
+    dtype: Annotated[DType, typer.Option(help="Compute and activation dtype.")] = DType.float32,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward batch.")] = 8,
+) -> None:
+    """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.runner import quantize as run
+
+    config = QuantizeConfig(
+        model=model, out=str(out), bits=bits, group_size=group_size, method=method.value,
+        calib=str(calib) if calib else None, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        sequential=sequential, dtype=dtype.value, batch_size=batch_size,
+    )
+    result = run(config, job, device.value, err)
+    typer.echo(str(result))
+
+
+@app.command()
+def resume(
+    job: Annotated[Path, typer.Argument(help="Job store folder of a stopped job.")],
+    device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+) -> None:
+    """Continue a stopped job with the options it was started with."""
+    from neuqi.pipeline.runner import resume as run
+
+    typer.echo(str(run(job, device.value, err)))
+
+
+@app.command()
+def status(
+    job: Annotated[Path, typer.Argument(help="Job store folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show how far a job has got."""
+    from neuqi.pipeline.runner import status as get_status
+
+    info = get_status(job)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"job {info['job']}")
+    table.add_column("stage")
+    table.add_column("done", justify="right")
+    table.add_column("total", justify="right")
+    for stage, counts in info["stages"].items():
+        table.add_row(stage, str(counts["done"]), str(counts["total"]))
+    table.add_row("all", str(info["done"]), str(info["total"]))
+    console = Console()
+    console.print(table)
+    state = "complete" if info["complete"] else "incomplete"
+    if info["lock"]:
+        state += f", running as process {info['lock'].get('pid')}"
+    console.print(f"model {info['model']} -> {info['out']}: {state}")
+
+
+def _planned(command: str, issue: int) -> None:
+    err.print(f"neuqi {command}: not yet available (planned, see issue #{issue})")
+    raise typer.Exit(2)
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True,
+                                            "ignore_unknown_options": True})
+def eval_(ctx: typer.Context) -> None:
+    """Perplexity of a model or a quantized output (not yet available)."""
+    _planned("eval", 4)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def export(ctx: typer.Context) -> None:
+    """Export a quantized output to compressed-tensors or GGUF (not yet available)."""
+    _planned("export", 9)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def distill(ctx: typer.Context) -> None:
+    """Distil the scales and zero-points of a quantized output (not yet available)."""
+    _planned("distill", 8)
+
+
+def main() -> None:
+    """Console entry point: one line on stderr and exit 2 for bad input, 1 for a bug."""
+    try:
+        app()  # handles usage errors (exit 2) and exits with the command's code
+    except UserError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exception as e:
+        if os.environ.get("NEUQI_DEBUG"):
+            raise
+        err.print(
+            f"internal error: {type(e).__name__}: {e} (please report it with the command; "
+            "NEUQI_DEBUG=1 shows the traceback)", markup=False, highlight=False, soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What a quantization job is: its options, and the manifest that pins a job store to them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuqi.errors import UserError
+from neuqi.solver import METHODS, check_bits
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of `neuqi quantize`. Everything that changes the result goes into the manifest."""
+
+    model: str
+    out: str
+    bits: int = 4
+    group_size: int = 128
+    method: str = "neuqi"
+    calib: str | None = None  # None: the calibration text shipped with the package
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    sequential: bool = True
+    dtype: str = "float32"  # compute and activation dtype
+    batch_size: int = 8  # calibration windows per forward batch
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise UserError(f"--group-size {self.group_size}: use a positive size or -1")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
+        options = asdict(self)
+        return {
+            "neuqi_job": MANIFEST_VERSION,
+            "options": options,
+            "model_fingerprint": model_fingerprint,
+            "calib_sha256": calib_sha256,
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
+        return cls(**manifest["options"])
+
+
+def default_job_dir(out: str | Path) -> Path:
+    """The job store beside ``--out``: ``<out>.job``."""
+    out = Path(out).expanduser()
+    return out.with_name(out.name + ".job")
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

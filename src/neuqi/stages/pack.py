@@ -1,0 +1,48 @@
+"""Stage `pack`: the output folder, from the checkpoint's tensors and the solved parameters.
+
+Quantized linears are bit-packed by the writer; every other tensor (embeddings, norms, biases,
+lm_head) is copied as stored. The writer publishes the folder atomically at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from neuqi.checkpoint import Checkpoint
+from neuqi.output import OutputWriter
+from neuqi.pipeline.store import JobStore
+from neuqi.stages.common import q_name
+
+
+def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
+    """Checkpoint weight name -> (layer, linear) for every linear that is quantized."""
+    arch = ckpt.arch
+    return {
+        f"{arch.layer_prefix(i)}{linear}.weight": (i, linear)
+        for i in range(ckpt.layer_count)
+        for linear in arch.linears
+    }
+
+
+def run_pack(
+    store: JobStore, ckpt: Checkpoint, out: Path, quant_info: dict[str, Any],
+    on_tensor: Callable[[], None] | None = None,
+) -> Path:
+    bits, group_size = quant_info["bits"], quant_info["group_size"]
+    targets = quantized_weights(ckpt)
+    with OutputWriter(out, ckpt, quant_info) as writer:
+        for name in ckpt.names:
+            if name in targets:
+                layer, linear = targets[name]
+                codes, scale, zero = (
+                    store.read_array(q_name(layer, linear, part))
+                    for part in ("codes", "scale", "zero_point")
+                )
+                writer.add_quantized(name, codes, scale, zero, bits, group_size)
+            else:
+                writer.add_tensor(name, ckpt.read(name))
+            if on_tensor is not None:
+                on_tensor()
+        return writer.finalize()
