@@ -175,3 +175,30 @@ def test_other_families_quantize_in_process(family: str, request, tmp_path: Path
     out = quantize(config, device="cpu")
     logits = load_quantized(out)(torch.arange(10).unsqueeze(0)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_real_smollm2_end_to_end(smollm2_dir: Path, tmp_path: Path):
+    """The real demo model through the whole pipeline and back. Min-Max does not depend on the
+    calibration, so the loaded output must compute what the model computes with its linears
+    replaced in memory by the solver's Min-Max dequantized weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neuqi.solver import quantize_tensor
+
+    out = tmp_path / "smol"
+    r = neuqi("quantize", str(smollm2_dir), "--out", str(out), "--bits", "4", "--group-size",
+              "64", "--method", "minmax", "--nsamples", "2", "--seqlen", "64", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("weighted loss") == 30
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for name, module in ref.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            q = quantize_tensor(module.weight.data, bits=4, group_size=64, method="minmax")
+            module.weight.data = q.dequantize()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    ids = tok("It is a truth universally acknowledged, that a single man in possession",
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = load_quantized(out)(ids).logits
+        expected = ref(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-3)

@@ -75,9 +75,13 @@ def quantize(
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
 
+    # paths are stored absolute in the job's manifest, so `neuqi resume` works from anywhere
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
     config = QuantizeConfig(
-        model=model, out=str(out), bits=bits, group_size=group_size, method=method.value,
-        calib=str(calib) if calib else None, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        model=model, out=str(out.expanduser().resolve()), bits=bits, group_size=group_size, method=method.value,
+        calib=str(calib.expanduser().resolve()) if calib else None, nsamples=nsamples,
+        seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
     )
     result = run(config, job, device.value, err)
