@@ -131,11 +131,28 @@ def _planned(command: str, issue: int) -> None:
     raise typer.Exit(2)
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True,
-                                            "ignore_unknown_options": True})
-def eval_(ctx: typer.Context) -> None:
-    """Perplexity of a model or a quantized output (not yet available)."""
-    _planned("eval", 4)
+@app.command(name="eval")
+def eval_(
+    model: Annotated[str, typer.Argument(
+        help="A quantized neuqi output folder, or a full-precision model: folder, hub id, or "
+             "'smollm2'.")],
+    data: Annotated[Path, typer.Option(
+        help="Evaluation text file (UTF-8), e.g. the WikiText-2 test split.")],
+    seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(
+        help="Score only the first N windows (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 4,
+    device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Perplexity of a model or a quantized output, one decoder layer at a time."""
+    from neuqi.evaluate import perplexity
+
+    result = perplexity(model, data, seqlen, max_windows, batch_size, device.value, err)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"perplexity: {result['perplexity']:.4f}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

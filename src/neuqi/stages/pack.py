@@ -6,6 +6,7 @@ lm_head) is copied as stored. The writer publishes the folder atomically at the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,21 @@ def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
     }
 
 
+def shard_bytes(ckpt: Checkpoint) -> int:
+    """Output shard size: one decoder layer's weights in float32 (at least 32 MiB), so writing the
+    output holds about one layer in memory, whatever the number of layers."""
+    prefix = ckpt.arch.layer_prefix(0)
+    params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names if n.startswith(prefix))
+    return max(4 * params, 32 * 2**20)
+
+
 def run_pack(
     store: JobStore, ckpt: Checkpoint, out: Path, quant_info: dict[str, Any],
     on_tensor: Callable[[], None] | None = None,
 ) -> Path:
     bits, group_size = quant_info["bits"], quant_info["group_size"]
     targets = quantized_weights(ckpt)
-    with OutputWriter(out, ckpt, quant_info) as writer:
+    with OutputWriter(out, ckpt, quant_info, max_shard_bytes=shard_bytes(ckpt)) as writer:
         for name in ckpt.names:
             if name in targets:
                 layer, linear = targets[name]
