@@ -40,13 +40,26 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def quantized_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quantized(
+    model: Path, tmp_path_factory: pytest.TempPathFactory, method: str = "neuqi"
+) -> Path:
     out = tmp_path_factory.mktemp("q") / "out"
     config = QuantizeConfig(
-        model=str(tiny_llama), out=str(out), bits=3, group_size=16, nsamples=4, seqlen=32,
+        model=str(model), out=str(out), bits=3, group_size=16, nsamples=4, seqlen=32,
+        method=method,
     )
     return quantize(config, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def quantized_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quantized(tiny_llama, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def quantized_qwen2(tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """q/k/v biases and a tied head: stored tensors beside the DequantLinears."""
+    return quantized(tiny_qwen2, tmp_path_factory, "minmax")  # the fastest method
 
 
 def reference_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -64,7 +77,10 @@ def windows_of(folder: Path, text_file: Path, max_windows: int | None) -> torch.
     return eval_windows(tokenizer, read_eval_text(text_file), SEQLEN, max_windows)
 
 
-@pytest.mark.parametrize(("family", "max_windows"), [("tiny_llama", 6), ("tiny_qwen2", None)])
+@pytest.mark.parametrize(
+    ("family", "max_windows"),
+    [("tiny_llama", 6), ("tiny_qwen2", None), ("tiny_qwen3", 5), ("tiny_mistral", 5)],
+)
 def test_streamed_equals_full_model(family: str, max_windows: int | None, text_file: Path,
                                     request: pytest.FixtureRequest):
     from transformers import AutoModelForCausalLM
@@ -95,6 +111,13 @@ def test_quantized_streamed_equals_loaded_model(quantized_llama: Path, tiny_llam
     # the quantized model is a different model from the full-precision one
     full = perplexity(str(tiny_llama), text_file, SEQLEN, 5, 2, "cpu")
     assert full["perplexity"] != pytest.approx(result["perplexity"], rel=1e-3)
+
+
+def test_quantized_with_biases_and_tied_head(quantized_qwen2: Path, text_file: Path):
+    result = perplexity(str(quantized_qwen2), text_file, SEQLEN, 3, 2, "cpu")
+    windows = windows_of(quantized_qwen2, text_file, 3)
+    model = load_quantized(quantized_qwen2)
+    assert result["perplexity"] == pytest.approx(reference_perplexity(model, windows), rel=1e-5)
 
 
 def test_cli_prints_perplexity_last_and_json(tiny_llama: Path, text_file: Path):

@@ -296,7 +296,9 @@ def perplexity(
     n = windows.shape[0]
     console.print(
         f"eval {model.path}: {n} windows of {seqlen} tokens, {model.layer_count} layers, "
-        f"device {dev}"
+        f"device {dev}",
+        highlight=False,
+        soft_wrap=True,
     )
     started = time.perf_counter()
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
@@ -318,6 +320,7 @@ def perplexity(
             console.print(
                 f"layer {i + 1}/{model.layer_count} ({time.perf_counter() - t0:.1f} s)",
                 highlight=False,
+                soft_wrap=True,
             )
         head = model.head(dev)
         nll_sum = 0.0
@@ -337,5 +340,6 @@ def perplexity(
         f"perplexity {result['perplexity']:.4f} (nll {nll:.5f}, {tokens} tokens, "
         f"{time.perf_counter() - started:.1f} s)",
         highlight=False,
+        soft_wrap=True,
     )
     return result
