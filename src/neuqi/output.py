@@ -105,6 +105,12 @@ def _leftovers(out_dir: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if pattern.match(p.name) and p.is_dir())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -345,6 +351,7 @@ class OutputWriter:
         file_name = f"model-{index + 1:05d}.safetensors"
         path = self.temp_dir / file_name
         save_file(self._buffer, str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())  # as readable as the other files of the output
         _fsync_file(path)
         self._shards.append(file_name)
         for key in self._buffer:
