@@ -210,8 +210,11 @@ def window_zero_point(x: Tensor, h: Tensor, z0: Tensor, levels: int) -> Tensor:
     return (start + u.gather(1, best).to(x.dtype)).squeeze(-1)
 
 
-def window_integer_zero_point(x: Tensor, h: Tensor, z0: Tensor, levels: int) -> Tensor:
-    """The integer ``z`` in the window ``[z₀ - 1, z₀ + 1]`` minimising ``E(z)`` (NeUQI-int).
+def window_integer_zero_point(
+    x: Tensor, h: Tensor, z0: Tensor, levels: int
+) -> tuple[Tensor, Tensor]:
+    """The integer ``z`` in the window ``[z₀ - 1, z₀ + 1]`` minimising ``E(z)`` (NeUQI-int), and
+    ``E(z)``.
 
     Scanning the integers of the same window as the continuous step keeps the ablation honest:
     NeUQI can only do as well or better, and Min-Max's zero-point is in the window at its scale.
@@ -226,7 +229,7 @@ def window_integer_zero_point(x: Tensor, h: Tensor, z0: Tensor, levels: int) -> 
         better = e < best_e
         best_z = torch.where(better, z, best_z)
         best_e = torch.where(better, e, best_e)
-    return best_z
+    return best_z, best_e
 
 
 def best_zero_point(
@@ -247,7 +250,9 @@ def best_zero_point(
     hs = h.gather(1, order)
     one = torch.ones_like(x[:, :1])
     z0 = relaxed_zero_point(w_sorted, *_prefix_sums(w_sorted, hs), one, levels).squeeze(1)
-    z = (window_integer_zero_point if integer else window_zero_point)(x, h, z0, levels)
+    if integer:
+        return window_integer_zero_point(x, h, z0, levels)
+    z = window_zero_point(x, h, z0, levels)
     return z, grouped_error(x, h, z, levels)
 
 
@@ -319,19 +324,20 @@ def search_scale(
     w_sorted, order = torch.sort(w, dim=1)
     hs_prefix, hws_prefix = _prefix_sums(w_sorted, h.gather(1, order))
 
-    def best_of(scales: Tensor, skip: Tensor | None = None) -> tuple[Tensor, ...]:
+    def best_of(
+        scales: Tensor, skip: Tensor | None = None, with_integer: bool = False
+    ) -> tuple[Tensor, ...]:
         """Best candidate of ``scales [G, C]`` (ignoring those marked in ``skip``): its scale,
-        zero-point and loss, and the best scale under an integer zero-point."""
+        zero-point and loss, and (``with_integer``) the best scale under an integer zero-point."""
         z0 = relaxed_zero_point(w_sorted, hs_prefix, hws_prefix, scales, levels)
         x = w.unsqueeze(1) / scales.unsqueeze(-1)  # [G, C, m]
         h3 = h.unsqueeze(1)
         s2 = scales * scales
-        z_int = window_integer_zero_point(x, h3, z0, levels)
-        loss_int = s2 * grouped_error(x, h3, z_int, levels)
         if integer:
-            z, loss = z_int, loss_int
+            z, e = window_integer_zero_point(x, h3, z0, levels)
+            loss = loss_int = s2 * e
         else:
-            z, loss, bound = score(x, h3, z0, s2, levels)
+            z, loss, bound, loss_int = score(x, h3, z0, s2, levels, with_integer)
             if skip is not None:
                 loss = loss.masked_fill(skip, torch.inf)
             need = bound < loss.amin(1, keepdim=True)
@@ -348,12 +354,14 @@ def search_scale(
                 z[g_idx, c_idx] = torch.where(better, z_exact, z[g_idx, c_idx])
                 loss[g_idx, c_idx] = torch.where(better, loss_exact, loss[g_idx, c_idx])
         best = loss.argmin(1, keepdim=True)
-        best_int = loss_int.argmin(1, keepdim=True)
+        s_int = None
+        if loss_int is not None:
+            s_int = scales.gather(1, loss_int.argmin(1, keepdim=True)).squeeze(1)
         return (scales.gather(1, best).squeeze(1), z.gather(1, best).squeeze(1),
-                loss.gather(1, best).squeeze(1), scales.gather(1, best_int).squeeze(1))
+                loss.gather(1, best).squeeze(1), s_int)
 
     coarse = torch.arange(1, COARSE_STEPS + 1, device=w.device, dtype=w.dtype) / COARSE_STEPS
-    s_c, z_c, loss_c, s_ci = best_of(s_mm.unsqueeze(1) * coarse)
+    s_c, z_c, loss_c, s_ci = best_of(s_mm.unsqueeze(1) * coarse, with_integer=not integer)
     j = torch.arange(-FINE_HALF_WIDTH, FINE_HALF_WIDTH + 1, device=w.device, dtype=w.dtype)
     j = s_mm.unsqueeze(1) * (j[j != 0] / FINE_DIVISOR)
     if integer:
@@ -373,12 +381,16 @@ def search_scale(
 
 
 def score_candidates(
-    x: Tensor, h: Tensor, z0: Tensor, s2: Tensor, levels: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, h: Tensor, z0: Tensor, s2: Tensor, levels: int, with_integer: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """For candidates ``x [G, C, m]`` (weights over scale) with ``s² [G, C]``: a reachable
-    zero-point and its loss ``s² E(z)``, and the lower bound ``s² f(z₀) <= s² min_z E``."""
+    zero-point and its loss ``s² E(z)``, the lower bound ``s² f(z₀) <= s² min_z E``, and
+    (``with_integer``) the loss at the best integer zero-point of the window."""
     z = _refine_codes(x, h, z0, levels)
-    return z, s2 * grouped_error(x, h, z, levels), s2 * relaxed_error(x, h, z0, levels)
+    loss = s2 * grouped_error(x, h, z, levels)
+    bound = s2 * relaxed_error(x, h, z0, levels)
+    loss_int = s2 * window_integer_zero_point(x, h, z0, levels)[1] if with_integer else None
+    return z, loss, bound, loss_int
 
 
 def relaxed_error(x: Tensor, h: Tensor, z: Tensor, levels: int) -> Tensor:
