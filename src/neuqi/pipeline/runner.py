@@ -29,7 +29,7 @@ from rich.progress import (
 from neuqi.calib import calibration_windows, load_calibration_text
 from neuqi.checkpoint import Checkpoint, resolve_model
 from neuqi.errors import UserError
-from neuqi.models import build_layer, build_rotary
+from neuqi.models import LLAMA_LIKE, build_layer, build_rotary
 from neuqi.output import is_neuqi_output
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
 from neuqi.pipeline.store import JobStore
@@ -249,8 +249,8 @@ def status(job: str | Path) -> dict[str, Any]:
     try:
         ckpt = Checkpoint.open(resolve_model(config.model))
         n, linears = ckpt.layer_count, len(ckpt.arch.linears)
-    except UserError:
-        n, linears = max(layers) + 1, 7
+    except UserError:  # the model folder is gone: count from the records and the common layout
+        n, linears = max(layers) + 1, len(LLAMA_LIKE.linears)
     stages = {
         "embed": (sum(k == "embed" for k in records), 1),
         "hessian": (sum(k.startswith("hessian/") for k in records), n),
