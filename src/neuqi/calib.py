@@ -25,15 +25,20 @@ def _shipped_text() -> str:
     return gzip.decompress(blob).decode("utf-8")
 
 
-def _read_text_file(path: Path) -> str:
-    """Return ``path`` decoded as UTF-8 with ``\\r\\n`` turned into ``\\n``; UserError if not text."""
+def read_text_file(
+    path: Path,
+    option: str = "--calib",
+    hint: str = "pass a plain-text file or a folder of .txt files",
+) -> str:
+    """Return ``path`` decoded as UTF-8 (a BOM dropped) with ``\\r\\n`` turned into ``\\n``.
+
+    UserError naming ``option`` if it cannot be read or is not text.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UserError(f"--calib {path} cannot be read ({exc.strerror}): check the path") from exc
-    msg = (
-        f"--calib {path} is not a UTF-8 text file: pass a plain-text file or a folder of .txt files"
-    )
+        raise UserError(f"{option} {path} cannot be read ({exc.strerror}): check the path") from exc
+    msg = f"{option} {path} is not a UTF-8 text file: {hint}"
     if b"\x00" in data:
         raise UserError(msg)
     try:
@@ -59,9 +64,9 @@ def load_calibration_text(path: Path | None) -> str:
             raise UserError(
                 f"--calib {path} is a folder without *.txt files: add .txt files or pass a text file"
             )
-        return "\n\n".join(_read_text_file(p) for p in files)
+        return "\n\n".join(read_text_file(p) for p in files)
     if path.is_file():
-        return _read_text_file(path)
+        return read_text_file(path)
     if path.exists():
         raise UserError(f"--calib {path} is not a regular file or folder: pass a text file")
     if _HUB_ID.match(path.as_posix()):

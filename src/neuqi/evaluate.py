@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from neuqi.calib import read_text_file
 from neuqi.errors import UserError
 from neuqi.models import (
     LMHead,
@@ -52,18 +53,7 @@ def read_eval_text(path: Path) -> str:
         raise UserError(f"--data {path} does not exist: pass a text file")
     if not path.is_file():
         raise UserError(f"--data {path} is not a regular file: pass a text file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"--data {path} cannot be read ({exc.strerror}): check the path") from None
-    msg = f"--data {path} is not a UTF-8 text file: pass a plain-text file"
-    if b"\x00" in data:
-        raise UserError(msg)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(msg) from None
-    return text.replace("\r\n", "\n")
+    return read_text_file(path, "--data", "pass a plain-text file")
 
 
 def eval_windows(
