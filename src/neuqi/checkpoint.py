@@ -293,6 +293,17 @@ def _check_safe_open(file: Path) -> None:
         raise UserError(f"{file}: unreadable safetensors file ({msg}); re-download it") from None
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of the model folder ``path``; UserError (one line) if it has none usable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: no usable tokenizer in the model folder ({msg})") from None
+
+
 def resolve_model(model: str) -> Path:
     """A local folder as is; ``"smollm2"`` is the demo model; anything else a hub id, downloaded."""
     local = Path(model).expanduser()

@@ -24,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from neuqi.calib import read_text_file
+from neuqi.checkpoint import load_tokenizer
 from neuqi.errors import UserError
 from neuqi.models import (
     LMHead,
@@ -233,16 +234,6 @@ def _open(model_or_output: str) -> _CheckpointModel | OutputModel:
     return _CheckpointModel(model_or_output)
 
 
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: no usable tokenizer in the model folder ({msg})") from None
-
-
 # ---------------------------------------------------------------------------------- the pass
 def _nll_sum(head: LMHead, hidden: torch.Tensor, ids: torch.Tensor) -> float:
     """Summed next-token NLL of windows ``ids`` [b, s] from their last hidden states [b, s, h]."""
@@ -279,7 +270,7 @@ def perplexity(
     dev = resolve_device(str(device))
     text = read_eval_text(data)
     model = _open(model_or_output)
-    windows = eval_windows(_tokenizer(model.path), text, seqlen, max_windows)
+    windows = eval_windows(load_tokenizer(model.path), text, seqlen, max_windows)
     vocab = int(model.config.vocab_size)
     if int(windows.max()) >= vocab:
         raise UserError(f"{model.path}: the tokenizer gives ids beyond the model's vocabulary")

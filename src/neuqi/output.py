@@ -92,6 +92,18 @@ def is_neuqi_output(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file()
 
 
+def check_output_target(out: Path) -> None:
+    """UserError unless ``out`` is free to (re)write: absent, an empty folder or a neuqi output."""
+    if out.exists() or out.is_symlink():
+        if is_neuqi_output(out):
+            return
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            return  # an empty folder: nothing to lose
+        raise UserError(
+            f"--out {out} exists and is not a neuqi output: choose another folder or remove it"
+        )
+
+
 def _temp_sibling(out_dir: Path, kind: str) -> Path:
     return out_dir.with_name(f"{out_dir.name}.{kind}-{secrets.token_hex(8)}")
 
@@ -492,15 +504,7 @@ class OutputWriter:
         }
 
     def _check_target(self) -> None:
-        out = self.out_dir
-        if out.exists() or out.is_symlink():
-            if is_neuqi_output(out):
-                return
-            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-                return  # an empty folder: nothing to lose
-            raise UserError(
-                f"--out {out} exists and is not a neuqi output: choose another folder or remove it"
-            )
+        check_output_target(self.out_dir)
 
     def _publish(self) -> None:
         """Move the finished temporary folder to out_dir, replacing a previous neuqi output."""

@@ -27,10 +27,10 @@ from rich.progress import (
 )
 
 from neuqi.calib import calibration_windows, load_calibration_text
-from neuqi.checkpoint import Checkpoint, resolve_model
+from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.errors import UserError
 from neuqi.models import LLAMA_LIKE, build_layer, build_rotary
-from neuqi.output import is_neuqi_output
+from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
 from neuqi.pipeline.store import JobStore
 from neuqi.solver import check_group_size, dequantize
@@ -70,13 +70,9 @@ def quantize(
             name = f"{ckpt.arch.layer_prefix(i)}{linear}.weight"
             check_group_size(ckpt.shape(name)[1], config.group_size, name)
     out = Path(config.out).expanduser()
-    empty_dir = out.is_dir() and not any(out.iterdir())
-    if out.exists() and not empty_dir and not is_neuqi_output(out):
-        raise UserError(
-            f"--out {out} exists and is not a neuqi output: choose another folder or remove it"
-        )
+    check_output_target(out)  # before any work, as the writer will at the end
     text = load_calibration_text(Path(config.calib).expanduser() if config.calib else None)
-    windows = calibration_windows(_tokenizer(ckpt), text, config.nsamples, config.seqlen, config.seed)
+    windows = calibration_windows(load_tokenizer(ckpt.path), text, config.nsamples, config.seqlen, config.seed)
     if windows.max() >= ckpt.config.vocab_size:
         raise UserError(f"{ckpt.path}: the tokenizer gives ids beyond the model's vocabulary")
     manifest = config.manifest(ckpt.fingerprint(), text_sha256(text))
@@ -89,15 +85,6 @@ def resume(job: str | Path, device: str = "auto", console: Console | None = None
     """Continue the job in store ``job`` with the options it was made with."""
     store = JobStore.open_existing(job)
     return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console)
-
-
-def _tokenizer(ckpt: Checkpoint) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(ckpt.path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{ckpt.path}: no usable tokenizer in the model folder ({e})") from None
 
 
 @dataclass
