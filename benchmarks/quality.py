@@ -1,0 +1,264 @@
+"""The quality table: perplexity of SmolLM2-135M quantized by each method at each bit width.
+
+    python benchmarks/quality.py [--settings w2g64,w3g64,w4g64,w3c,w4c]
+        [--methods minmax,neuqi-int,neuqi] [--max-windows 16] [--nsamples 32] [--seqlen 512]
+        [--calib ../shared/data/pride-and-prejudice.txt] [--data ../shared/data/wikitext2-test.raw]
+        [--eval-seqlen 2048] [--device cpu] [--results benchmarks/results] [--workdir out/quality]
+        [--force] [--keep]
+
+Every row runs the real command line in a fresh process, exactly as a user would::
+
+    neuqi quantize smollm2 --out OUT --bits B --group-size G --method M
+        --calib ../shared/data/pride-and-prejudice.txt --nsamples 32 --seqlen 512 --seed 0
+    neuqi eval OUT --data ../shared/data/wikitext2-test.raw --seqlen 2048 --max-windows 16 --json
+
+so every row uses the same calibration windows (same text, count, length and seed) and the same
+evaluation windows (the first ``--max-windows`` non-overlapping windows of the joined text). The
+full-precision row is ``neuqi eval smollm2``. The quantize time is the wall time of the
+``neuqi quantize`` process (model conversion is done once beforehand, not counted).
+
+Results accumulate in ``<results>/quality.json`` keyed by row, with the protocol (calibration and
+evaluation options) they were made with: a rerun skips rows already measured under the same
+protocol (``--force`` redoes them), so rows can be added later (for example a new method) without
+redoing the others. Each run rewrites ``quality.md`` (the table) and ``quality.png`` (perplexity
+against bits, log scale) from every stored row of that protocol.
+
+Settings: ``wBgG`` is B bits with groups of G input channels, ``wBc`` is B bits per channel
+(``--group-size -1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+NEUQI = [sys.executable, "-c", "from neuqi.cli import main; main()"]
+
+# Method names in the table -> `neuqi quantize` options. Later rows (GPTQ, distillation) are added
+# here as their options land; the table shows whichever rows have been measured.
+METHODS: dict[str, list[str]] = {
+    "minmax": ["--method", "minmax"],
+    "neuqi-int": ["--method", "neuqi-int"],
+    "neuqi": ["--method", "neuqi"],
+}
+SETTING = re.compile(r"^w([2-8])(?:g(\d+)|c)$")
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    match = SETTING.match(text)
+    if not match:
+        raise SystemExit(f"--settings {text}: use wBgG (B bits, groups of G) or wBc (per channel)")
+    return int(match.group(1)), int(match.group(2)) if match.group(2) else -1
+
+
+def setting_label(setting: str) -> str:
+    bits, group = parse_setting(setting)
+    return f"w{bits} g{group}" if group > 0 else f"w{bits} per-channel"
+
+
+def run(cmd: list[str], log: Path) -> tuple[str, float]:
+    """Run ``cmd``; return its stdout and wall time. A failure stops the benchmark with the
+    command's stderr (also kept in ``log``)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}), see {log}:\n{proc.stderr[-2000:]}")
+    return proc.stdout, seconds
+
+
+def evaluate(model: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    cmd = [*NEUQI, "eval", model, "--data", str(args.data), "--seqlen", str(args.eval_seqlen),
+           "--device", args.device, "--json"]
+    if args.max_windows:
+        cmd += ["--max-windows", str(args.max_windows)]
+    stdout, seconds = run(cmd, log)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["eval_seconds"] = round(seconds, 1)
+    return result
+
+
+def protocol(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model, "calib": Path(args.calib).name, "nsamples": args.nsamples,
+        "seqlen": args.seqlen, "seed": args.seed, "data": Path(args.data).name,
+        "eval_seqlen": args.eval_seqlen, "max_windows": args.max_windows,
+    }
+
+
+def load_results(path: Path, proto: dict[str, Any]) -> dict[str, Any]:
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("protocol") == proto:
+            return stored
+        print(f"{path}: made with another protocol ({stored.get('protocol')}); starting afresh")
+    return {"protocol": proto, "rows": {}}
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def table(results: dict[str, Any], settings: list[str], methods: list[str]) -> str:
+    rows = results["rows"]
+    proto = results["protocol"]
+    head = "| method | " + " | ".join(setting_label(s) for s in settings) + " |"
+    lines = [head, "|---" * (len(settings) + 1) + "|"]
+    if "fp" in rows:
+        fp = f"{rows['fp']['perplexity']:.3f}"
+        lines.append("| full precision (float32) | " + " | ".join([fp] * len(settings)) + " |")
+    for method in methods:
+        cells = []
+        for s in settings:
+            row = rows.get(f"{s}/{method}")
+            cells.append(
+                f"{row['perplexity']:.3f} ({minutes(row['quantize_seconds'])})" if row else "-"
+            )
+        if any(c != "-" for c in cells):
+            lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    windows = proto["max_windows"] or "all"
+    tokens = rows.get("fp", {}).get("tokens")
+    notes = [
+        "",
+        f"Perplexity on {proto['data']} ({windows} windows of {proto['eval_seqlen']} tokens"
+        + (f", {tokens} scored tokens" if tokens else "") + "), lower is better; in brackets the "
+        f"wall time of `neuqi quantize`. Calibration: {proto['nsamples']} windows of "
+        f"{proto['seqlen']} tokens of {proto['calib']} (seed {proto['seed']}), identical for "
+        "every row.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(results: dict[str, Any], settings: list[str], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    rows = results["rows"]
+    kinds = [("groups of 64", lambda g: g == 64), ("per channel", lambda g: g == -1)]
+    kinds = [(t, f) for t, f in kinds if any(f(parse_setting(s)[1]) for s in settings)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
+    for ax, (title, keep) in zip(axes[0], kinds):
+        chosen = sorted((parse_setting(s)[0], s) for s in settings if keep(parse_setting(s)[1]))
+        for method in methods:
+            points = [(b, rows[f"{s}/{method}"]["perplexity"]) for b, s in chosen
+                      if f"{s}/{method}" in rows]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        if "fp" in rows:
+            ax.axhline(rows["fp"]["perplexity"], color="black", linestyle="--", linewidth=1,
+                       label="full precision")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_xticks([b for b, _ in chosen])
+        ax.set_xlabel("bits per weight")
+        ax.set_ylabel("WikiText-2 perplexity (log scale)")
+        ax.set_title(f"SmolLM2-135M, {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--settings", default="w2g64,w3g64,w4g64,w3c,w4c")
+    parser.add_argument("--methods", default="minmax,neuqi-int,neuqi")
+    parser.add_argument("--calib", default=str(SHARED / "pride-and-prejudice.txt"))
+    parser.add_argument("--data", default=str(SHARED / "wikitext2-test.raw"))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--max-windows", type=int, default=16, help="0 = the whole text")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "quality")
+    parser.add_argument("--force", action="store_true", help="redo rows already measured")
+    parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
+    args = parser.parse_args()
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for s in settings:
+        parse_setting(s)
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods {m}: choose among {', '.join(METHODS)}")
+    args.results.mkdir(parents=True, exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    logs = args.workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    store_path = args.results / "quality.json"
+    results = load_results(store_path, protocol(args))
+    results.setdefault("runs", [])
+    results["runs"].append({
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+    })
+
+    def finish() -> None:
+        save_results(store_path, results)
+        (args.results / "quality.md").write_text(table(results, settings, methods))
+        plot(results, settings, methods, args.results / "quality.png")
+
+    rows = results["rows"]
+    if "fp" not in rows or args.force:
+        rows["fp"] = evaluate(args.model, args, logs / "fp-eval.log")
+        print(f"full precision: perplexity {rows['fp']['perplexity']:.4f}", flush=True)
+        finish()
+    for setting in settings:
+        bits, group = parse_setting(setting)
+        for method in methods:
+            key = f"{setting}/{method}"
+            if key in rows and not args.force:
+                continue
+            name = f"{setting}-{method.replace('+', '-')}"
+            out = args.workdir / name
+            for stale in (out, out.with_name(out.name + ".job")):
+                shutil.rmtree(stale, ignore_errors=True)
+            cmd = [*NEUQI, "quantize", args.model, "--out", str(out), "--bits", str(bits),
+                   "--group-size", str(group), *METHODS[method], "--calib", str(args.calib),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
+                   str(args.seed), "--device", args.device]
+            _, seconds = run(cmd, logs / f"{name}-quantize.log")
+            row = evaluate(str(out), args, logs / f"{name}-eval.log")
+            row["quantize_seconds"] = round(seconds, 1)
+            rows[key] = row
+            print(f"{key}: perplexity {row['perplexity']:.4f}, quantize {minutes(seconds)}",
+                  flush=True)
+            if not args.keep:
+                for path in (out, out.with_name(out.name + ".job")):
+                    shutil.rmtree(path, ignore_errors=True)
+            finish()
+    finish()
+    print((args.results / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
