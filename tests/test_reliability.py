@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,8 +200,8 @@ class KillPoint:
         if self.kind == "output":
             return {faults.KILL_IN_OUTPUT: self.spec}
         # the k-th record this process writes: count the steps still to do up to this one
-        store = JobStore.open_existing(job)
-        remaining = [s for s in STEPS if not store.is_done(s)]
+        store = JobStore.open_existing(job) if job.exists() else None
+        remaining = [s for s in STEPS if store is None or not store.is_done(s)]
         return {faults.KILL_AFTER_RECORDS: str(remaining.index(self.step) + 1)}
 
 
@@ -329,3 +334,285 @@ def test_killed_after_a_random_delay_then_resumed_is_bitwise_identical(
     else:
         assert child.returncode == 0  # this machine was faster than the reference run
     assert_same_output(out, reference.out)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def copy_model(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(file: Path, edit: Callable[[dict], object]) -> None:
+    data = json.loads(file.read_text())
+    edit(data)
+    file.write_text(json.dumps(data))
+
+
+def rewrite_header(file: Path, edit: Callable[[dict], object]) -> None:
+    """Give a safetensors file a new header (the data bytes stay as they are)."""
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f"{out.name}.partial-*"))
+    assert not list(out.parent.glob(f"{out.name}.old-*"))
+
+
+def _truncated(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    shard = model / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return [], [str(shard), "truncated", "re-download"]
+
+
+def _header_size_lie(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    # q_proj claims twice its shape: its bytes would run into k_proj's
+    name = "model.layers.1.self_attn.q_proj.weight"
+    rewrite_header(model / "model.safetensors", lambda h: h[name].update(shape=[128, 64]))
+    return [], ["model.safetensors", "header lies", name]
+
+
+def _header_offset_lie(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    # two tensors of one shape claim the same bytes (sizes right, offsets overlapping)
+    a, b = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    rewrite_header(model / "model.safetensors",
+                   lambda h: h[b].update(data_offsets=h[a]["data_offsets"]))
+    return [], ["model.safetensors", "header lies about the offsets"]
+
+
+def _index_names_missing_file(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    edit_json(model / "model.safetensors.index.json",
+              lambda d: d["weight_map"].update({"model.norm.weight": "model-00009-of-00009.safetensors"}))
+    return [], ["model-00009-of-00009.safetensors", "missing", "re-download"]
+
+
+def _index_names_parent(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "x").write_bytes((model / min(p.name for p in model.glob("model-*"))).read_bytes())
+    edit_json(model / "model.safetensors.index.json",
+              lambda d: d["weight_map"].update({"model.norm.weight": "../x"}))
+    return [], ["model.safetensors.index.json", "'../x'", "not a plain file name"]
+
+
+def _bits(bits: int) -> Callable[[Path, Path], tuple[list[str], list[str]]]:
+    return lambda model, tmp: (["--bits", str(bits)], [f"--bits {bits}", "2..8"])
+
+
+def _calib_too_short(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    calib = tmp / "short.txt"
+    calib.write_text("Only a few words of text.\n")
+    return ["--calib", str(calib)], ["--seqlen 32", "--calib"]
+
+
+def _calib_not_text(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    calib = tmp / "calib.txt"
+    calib.write_bytes(bytes(range(256)) * 64)
+    return ["--calib", str(calib)], [f"--calib {calib}", "not a UTF-8 text file"]
+
+
+def _tokenizer_field_is_a_path(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    secret = tmp / "secret.json"
+    secret.write_text(json.dumps({"not": "yours"}))
+    edit_json(model / "tokenizer_config.json", lambda d: d.update(vocab_file="../secret.json"))
+    return [], ["tokenizer_config.json", "vocab_file", "'../secret.json'", "outside the model"]
+
+
+def _config_field_is_a_path(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    edit_json(model / "config.json", lambda d: d.update(tokenizer_file="/etc/passwd"))
+    return [], ["config.json", "tokenizer_file", "/etc/passwd", "outside the model"]
+
+
+def _pickle_only(model: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    """A pickle checkpoint whose unpickling would create a file: it must never be loaded."""
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+
+    class Payload:
+        def __reduce__(self):  # runs os.system(...) when unpickled
+            return (os.system, (f"touch {tmp / 'PWNED'}",))
+
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    return [], [str(model), "safetensors checkpoints only"]
+
+
+BAD_INPUT = {
+    "truncated-shard": ("tiny_llama", _truncated),
+    "header-lies-about-size": ("tiny_llama", _header_size_lie),
+    "header-lies-about-offsets": ("tiny_llama", _header_offset_lie),
+    "index-names-missing-file": ("tiny_llama_sharded", _index_names_missing_file),
+    "index-names-../x": ("tiny_llama_sharded", _index_names_parent),
+    "bits-1": ("tiny_llama", _bits(1)),
+    "bits-9": ("tiny_llama", _bits(9)),
+    "calib-shorter-than-seqlen": ("tiny_llama", _calib_too_short),
+    "calib-not-text": ("tiny_llama", _calib_not_text),
+    "tokenizer-config-field-is-a-path": ("tiny_llama", _tokenizer_field_is_a_path),
+    "config-field-is-a-path": ("tiny_llama", _config_field_is_a_path),
+    "pickle-checkpoint": ("tiny_llama", _pickle_only),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case: str, request: pytest.FixtureRequest, tmp_path: Path, forked: Zygote
+) -> None:
+    fixture, make = BAD_INPUT[case]
+    model = copy_model(request.getfixturevalue(fixture), tmp_path)
+    args, expected = make(model, tmp_path)
+    out = tmp_path / "out"
+    line = one_line_error(forked("quantize", str(model), "--out", str(out), *OPTIONS, *args))
+    for text in expected:
+        assert text in line, (text, line)
+    assert_nothing_written(out)
+    assert not out.with_name("out.job").exists()  # refused before any work
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_job_store_of_another_model_is_refused(
+    tiny_llama: Path, tiny_model_factory: Callable[..., Path], tmp_path: Path, forked: Zygote
+) -> None:
+    """The model folder's weights were replaced (a different model) under a half-done job."""
+    model = copy_model(tiny_llama, tmp_path)
+    out = tmp_path / "out"
+    cmd = ["quantize", str(model), "--out", str(out), *OPTIONS]
+    r = forked(*cmd, env={faults.KILL_AFTER_RECORDS: "2"})
+    assert r.returncode == -signal.SIGKILL
+    job = out.with_name("out.job")
+    records = JobStore.open_existing(job).records()
+    other = tiny_model_factory("llama", seed=1)
+    shutil.copyfile(other / "model.safetensors", model / "model.safetensors")
+    line = one_line_error(forked(*cmd))
+    assert str(job) in line and "different options" in line and "model_fingerprint" in line
+    assert "--job" in line
+    assert_nothing_written(out)
+    assert JobStore.open_existing(job).records() == records  # the old job is left alone
+
+
+# ------------------------------------------------------------------------------ one writer
+
+
+_HOLDER = """
+import sys, time
+from neuqi.pipeline.store import JobStore
+JobStore.open_existing(sys.argv[1]).acquire_lock()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_second_writer_is_refused_then_a_dead_owners_lock_is_taken_over(
+    reference: Reference, tiny_llama: Path, tmp_path: Path, forked: Zygote
+) -> None:
+    out = tmp_path / "out"
+    job = out.with_name("out.job")
+    cmd = ["quantize", str(tiny_llama), "--out", str(out), *OPTIONS]
+    r = forked(*cmd, env={faults.KILL_AFTER_RECORDS: "2"})  # a half-done job
+    assert r.returncode == -signal.SIGKILL
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(job)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        line = one_line_error(forked(*cmd))
+        assert f"in use by process {holder.pid}" in line and str(job) in line
+        assert_nothing_written(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the owner died without releasing its lock: the next run takes the stale lock over
+    assert JobStore.open_existing(job).lock_info()["pid"] == holder.pid
+    r = forked(*cmd)
+    assert r.returncode == 0, r.stderr
+    assert JobStore.open_existing(job).lock_info() is None
+    assert_same_output(out, reference.out)
+
+
+# ------------------------------------------------------------------------------ full disk
+
+
+def disk_full_error(r: subprocess.CompletedProcess) -> str:
+    """The error line of a run that ran out of disk (after its progress lines)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
+    assert "no space left on device" in errors[0]
+    assert "free space and run the same command again; finished steps are kept" in errors[0]
+    return errors[0]
+
+
+def test_full_disk_is_one_line_and_resumes_bitwise_identical(
+    reference: Reference, tiny_llama: Path, tmp_path: Path, forked: Zygote
+) -> None:
+    out = tmp_path / "out"
+    job = out.with_name("out.job")
+    cmd = ["quantize", str(tiny_llama), "--out", str(out), *OPTIONS]
+    # 1. the disk fills while the job store is written (the first activations)
+    line = disk_full_error(forked(*cmd, env={faults.DISK_FULL_AFTER_BYTES: "10000"}))
+    assert f"{job}/arrays/acts/0" in line
+    assert_nothing_written(out)
+    assert not JobStore.open_existing(job).lock_is_live()  # the lock was released
+    # 2. space freed: every step but the output is done, then the disk fills again in the
+    #    middle of writing the output folder
+    r = forked(*cmd, env=KillPoint(STEPS[-2], "record").env(job))
+    assert r.returncode == -signal.SIGKILL
+    done = set(JobStore.open_existing(job).records())
+    line = disk_full_error(forked(*cmd, env={faults.DISK_FULL_AFTER_BYTES: "1000"}))
+    assert f"{out}.partial-" in line and ".safetensors" in line
+    assert_nothing_written(out)  # nothing published, the temporary folder removed
+    assert set(JobStore.open_existing(job).records()) == done  # finished steps kept
+    # 3. space freed again: the same command finishes, bitwise as if nothing happened
+    r = forked(*cmd)
+    assert r.returncode == 0, r.stderr
+    assert_same_output(out, reference.out)
+
+
+def test_full_disk_while_replacing_an_output_keeps_the_previous_one(
+    reference: Reference, tiny_llama: Path, tmp_path: Path, forked: Zygote
+) -> None:
+    """A rerun into an existing output that fails for space leaves the previous output intact."""
+    out = tmp_path / "out"
+    shutil.copytree(reference.out, out)
+    before = output_files(out)
+    cmd = ["quantize", str(tiny_llama), "--out", str(out), "--bits", "4", *OPTIONS[2:]]
+    r = forked(*cmd, env=KillPoint(STEPS[-2], "record").env(out.with_name("out.job")))
+    assert r.returncode == -signal.SIGKILL  # all done but the output
+    line = disk_full_error(forked(*cmd, env={faults.DISK_FULL_AFTER_BYTES: "1000"}))
+    assert f"{out}.partial-" in line
+    assert output_files(out) == before
+    assert not list(out.parent.glob("out.partial-*"))
+
+
+# ------------------------------------------------------------------------------ hostile input
+
+
+def test_no_unpickling_and_no_remote_code_in_the_package() -> None:
+    """Weights come from safetensors only; no model code or pickle is ever run."""
+    src = Path(__file__).resolve().parents[1] / "src" / "neuqi"
+    pattern = re.compile(
+        r"\bpickle\b|\bdill\b|torch\.load\s*\(|weights_only\s*=\s*False"
+        r"|trust_remote_code\s*=\s*True|\bexec\s*\(|\bmarshal\b"
+    )
+    hits = [
+        f"{path.relative_to(src)}:{n}: {line.strip()}"
+        for path in sorted(src.rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#")
+        and path.name != "safety.py"  # its docstring names them
+    ]
+    assert hits == []
