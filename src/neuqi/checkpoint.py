@@ -13,6 +13,7 @@ import torch
 
 from neuqi.errors import UserError
 from neuqi.models import ArchSpec, arch_for
+from neuqi.safety import check_path_fields
 
 __all__ = ["HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
 
@@ -45,23 +46,77 @@ def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
         raise UserError(f"{path}: damaged safetensors header ({e}); re-download it") from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: damaged safetensors header (not an object); re-download it")
-    end = 0
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            _begin, stop = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise UserError(
-                f"{path}: damaged safetensors header at {name!r}; re-download it"
-            ) from None
-        end = max(end, int(stop))
+        spans.append((*_tensor_span(path, name, info), name))
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + n + end > size:
         raise UserError(
             f"{path}: truncated safetensors file (header needs {8 + n + end} bytes, file has "
             f"{size}); re-download it"
         )
+    # The tensors must tile the data area exactly, as the format requires: no gaps, no overlaps,
+    # nothing after the last one. A header that lies about its offsets is refused here.
+    expected = 0
+    for begin, stop, name in sorted(spans):
+        if begin != expected:
+            raise UserError(
+                f"{path}: safetensors header lies about the offsets of {name!r} (starts at "
+                f"{begin}, expected {expected}); re-download the file"
+            )
+        expected = stop
+    if 8 + n + expected != size:
+        raise UserError(
+            f"{path}: safetensors file has {size - 8 - n - expected} bytes its header does not "
+            "describe; re-download it"
+        )
     return raw, header
+
+
+# Bytes per element of the safetensors dtypes (sub-byte and unknown dtypes are not size-checked).
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
+
+
+def _tensor_span(path: Path, name: str, info: Any) -> tuple[int, int]:
+    """(begin, end) of tensor ``name``'s bytes, checked against its dtype and shape."""
+    bad = UserError(f"{path}: damaged safetensors header at {name!r}; re-download it")
+    if not isinstance(info, dict):
+        raise bad
+    offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or not isinstance(shape, list)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or not isinstance(dtype, str)
+    ):
+        raise bad
+    begin, stop = offsets
+    itemsize = _DTYPE_BYTES.get(dtype)
+    want = None if itemsize is None else itemsize * _prod(shape)
+    if stop < begin:
+        raise bad
+    if want is not None and stop - begin != want:
+        raise UserError(
+            f"{path}: safetensors header lies about {name!r}: {dtype} {shape} needs {want} bytes, "
+            f"its offsets give {stop - begin}; re-download the file"
+        )
+    return begin, stop
+
+
+def _prod(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def _plain_file_name(value: Any, index: Path) -> str:
@@ -128,6 +183,7 @@ class Checkpoint:
             arch = arch_for(raw_config)
         except UserError as e:
             raise UserError(f"{path}/{e}") from None
+        check_path_fields(path)  # before transformers opens any file the folder names
         config = _load_config(path)
         arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
         config._attn_implementation = "sdpa"
@@ -224,7 +280,13 @@ class Checkpoint:
         return t
 
     def fingerprint(self) -> str:
-        """sha256 over config.json, the index (if any) and each shard's name, size and header hash."""
+        """sha256 over config.json, the index (if any), each shard's name, size and header hash,
+        and samples of every tensor's bytes (its first and last 4 KiB).
+
+        Headers alone do not tell two models of one architecture apart (same names, shapes and
+        offsets), so a job store resumed on other weights would mix two models; the samples
+        catch that while reading a few KiB per tensor, not the whole checkpoint.
+        """
         h = hashlib.sha256()
         h.update(b"config.json\0" + (self.path / "config.json").read_bytes())
         index = self.path / INDEX_FILE
@@ -233,7 +295,26 @@ class Checkpoint:
         for shard in self.shards:
             size = (self.path / shard).stat().st_size
             h.update(f"\0{shard}\0{size}\0{self._header_hashes[shard]}".encode())
+            h.update(self._data_samples(shard))
         return h.hexdigest()
+
+    def _data_samples(self, shard: str, block: int = 4096) -> bytes:
+        """The first and last ``block`` bytes of each tensor of ``shard``, in offset order."""
+        header = self._headers[shard]
+        spans = sorted(
+            tuple(info["data_offsets"]) for name, info in header.items() if name != "__metadata__"
+        )
+        with (self.path / shard).open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            base = 8 + n
+            parts = []
+            for begin, end in spans:
+                f.seek(base + begin)
+                parts.append(f.read(min(block, end - begin)))
+                if end - begin > block:
+                    f.seek(base + max(begin + block, end - block))
+                    parts.append(f.read(end - max(begin + block, end - block)))
+        return hashlib.sha256(b"".join(parts)).digest()
 
     def __repr__(self) -> str:
         return (

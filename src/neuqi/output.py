@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
+from neuqi import faults
 from neuqi.errors import UserError
 from neuqi.packing import pack_codes
 
@@ -145,11 +146,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    faults.charge(len(text.encode("utf-8")), path)
     with path.open("w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    faults.output_file_written(path)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -362,9 +365,11 @@ class OutputWriter:
         index = len(self._shards)
         file_name = f"model-{index + 1:05d}.safetensors"
         path = self.temp_dir / file_name
+        faults.charge(self._buffer_bytes, path)
         save_file(self._buffer, str(path), metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_umask())  # as readable as the other files of the output
         _fsync_file(path)
+        faults.output_file_written(path)
         self._shards.append(file_name)
         for key in self._buffer:
             self._shard_of[key] = index
@@ -477,8 +482,10 @@ class OutputWriter:
                 continue
             if name in _COPY_NAMES or _COPY_PATTERNS.match(name):
                 dest = self.temp_dir / name
+                faults.charge(path.stat().st_size, dest)
                 shutil.copyfile(path, dest)  # follows symlinks (hub cache blobs)
                 _fsync_file(dest)
+                faults.output_file_written(dest)
 
     def _meta(self) -> dict[str, Any]:
         source: dict[str, Any] = {

@@ -28,7 +28,7 @@ from rich.progress import (
 
 from neuqi.calib import calibration_windows, load_calibration_text
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
-from neuqi.errors import UserError
+from neuqi.errors import UserError, disk_full_is_user_error
 from neuqi.models import LLAMA_LIKE, build_layer, build_rotary
 from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
@@ -76,9 +76,11 @@ def quantize(
     if windows.max() >= ckpt.config.vocab_size:
         raise UserError(f"{ckpt.path}: the tokenizer gives ids beyond the model's vocabulary")
     manifest = config.manifest(ckpt.fingerprint(), text_sha256(text))
-    store = JobStore.create_or_open(job or default_job_dir(out), manifest)
-    with store.locked():
-        return Job(store, ckpt, config, dev, console).run(windows)
+    job_dir = job or default_job_dir(out)
+    with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
+        store = JobStore.create_or_open(job_dir, manifest)
+        with store.locked():
+            return Job(store, ckpt, config, dev, console).run(windows)
 
 
 def resume(job: str | Path, device: str = "auto", console: Console | None = None) -> Path:

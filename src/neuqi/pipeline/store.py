@@ -41,6 +41,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from neuqi import faults
 from neuqi.errors import UserError
 
 try:  # POSIX only; without it the stale-lock takeover is merely less race-proof.
@@ -130,6 +131,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     data = json.dumps(obj, indent=1, sort_keys=True).encode()
     try:
+        faults.charge(len(data), path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -209,6 +211,14 @@ def _normalize_chunks(
     if len(out) != len(shape) or any(c < 1 for c in out):
         raise ValueError(f"chunks {out} do not fit an array of shape {shape}")
     return out
+
+
+def _write_head(z: zarr.Array, data: np.ndarray, start: int = 0) -> None:
+    """Write the first half of ``data``'s rows at ``start`` (a torn write, for fault injection)."""
+    if data.ndim == 0:
+        return
+    half = (len(data) + 1) // 2
+    z[start : start + half] = data[:half]
 
 
 def _now() -> str:
@@ -563,7 +573,10 @@ class JobStore:
         self.create_array(name, tensor.shape, tensor.dtype, chunks)
         data = _to_numpy(tensor)
         if data.size:
-            self._open(name, "r+")[...] = data
+            z = self._open(name, "r+")
+            faults.charge(data.nbytes, self._array_dir(name))
+            faults.array_write(name, lambda: _write_head(z, data))
+            z[...] = data
 
     def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Write ``tensor`` into rows ``start : start + len(tensor)`` of array ``name``."""
@@ -579,7 +592,10 @@ class JobStore:
                 f"{tuple(tensor.shape)} do not fit the array's shape {z.shape}"
             )
         if tensor.numel():
-            z[start : start + len(tensor)] = _to_numpy(tensor)
+            data = _to_numpy(tensor)
+            faults.charge(data.nbytes, self._array_dir(name))
+            faults.array_write(name, lambda: _write_head(z, data, start))
+            z[start : start + len(tensor)] = data
 
     def read_array(
         self, name: str, device: str | torch.device = "cpu", rows: slice | None = None
