@@ -29,6 +29,7 @@ class Method(str, Enum):
     neuqi = "neuqi"
     neuqi_int = "neuqi-int"
     minmax = "minmax"
+    minmax_lazy = "minmax-lazy"  # GPTQ's own Min-Max, only with --gptq
 
 
 class Device(str, Enum):
@@ -70,6 +71,16 @@ def quantize(
              "full-precision ones.")] = True,
     dtype: Annotated[DType, typer.Option(help="Compute and activation dtype.")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward batch.")] = 8,
+    gptq: Annotated[bool, typer.Option(
+        "--gptq/--no-gptq",
+        help="GPTQ (LDLQ) error compensation on top of --method's scales and zero-points "
+             "(needs the full input Hessians in the job store). --method minmax-lazy is the "
+             "original GPTQ's per-group Min-Max.")] = False,
+    act_order: Annotated[bool, typer.Option(
+        "--act-order/--no-act-order",
+        help="GPTQ: quantize columns by decreasing Hessian diagonal.")] = True,
+    gptq_block_size: Annotated[int, typer.Option(
+        help="GPTQ: columns per lazy batch update.")] = 128,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     from neuqi.pipeline.config import QuantizeConfig
@@ -83,6 +94,7 @@ def quantize(
         calib=str(calib.expanduser().resolve()) if calib else None, nsamples=nsamples,
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
+        gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
     )
     result = run(config, job, device.value, err)
     typer.echo(str(result))

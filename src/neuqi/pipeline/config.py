@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from neuqi.errors import UserError
+from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
 from neuqi.solver import METHODS, check_bits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,17 +33,26 @@ class QuantizeConfig:
     sequential: bool = True
     dtype: str = "float32"  # compute and activation dtype
     batch_size: int = 8  # calibration windows per forward batch
+    gptq: bool = False  # GPTQ error compensation after the (s, z) of `method` (neuqi.gptq)
+    act_order: bool = True  # GPTQ: columns by decreasing H_jj
+    gptq_block_size: int = BLOCK_SIZE  # GPTQ: columns per lazy batch update
 
     def validate(self) -> None:
         check_bits(self.bits)
-        if self.method not in METHODS:
-            raise UserError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.method == LAZY_MINMAX and not self.gptq:
+            raise UserError(f"--method {LAZY_MINMAX} is GPTQ's own Min-Max: add --gptq, or use "
+                            "--method minmax")
+        if self.method not in (*METHODS, LAZY_MINMAX):
+            raise UserError(f"--method {self.method}: choose one of {', '.join(METHODS)} "
+                            f"(or {LAZY_MINMAX} with --gptq)")
         if self.group_size != -1 and self.group_size <= 0:
             raise UserError(f"--group-size {self.group_size}: use a positive size or -1")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.gptq_block_size < 1:
+            raise UserError(f"--gptq-block-size {self.gptq_block_size}: use 1 or more")
 
     @property
     def torch_dtype(self) -> torch.dtype:

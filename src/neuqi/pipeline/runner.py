@@ -37,6 +37,13 @@ from neuqi.solver import check_group_size, dequantize
 from neuqi.stages.common import Q_PARTS, acts_name, h_name, q_name
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import run_forward
+from neuqi.stages.gptq import (
+    hessian_name,
+    hessians_name,
+    raised_damping_note,
+    read_hessian,
+    run_gptq_solve,
+)
 from neuqi.stages.hessian import run_hessian
 from neuqi.stages.pack import run_pack
 from neuqi.stages.solve import run_solve
@@ -146,13 +153,14 @@ class Job:
                 last = i == n - 1
                 if store.is_done(f"forward/{i}") or (last and self._solved(i)):
                     store.delete(acts_name(i))
+                    store.delete(hessians_name(i))
                     continue
                 started = time.perf_counter()
                 layer = build_layer(ckpt, i, self.device, dtype)
                 if not store.is_done(f"hessian/{i}"):
                     progress.update(task, description=f"layer {i + 1}/{n} hessian")
                     arrays = run_hessian(store, i, layer, ckpt.arch, rotary, cfg.batch_size,
-                                         self.device)
+                                         self.device, full=cfg.gptq)
                     self.mark(f"hessian/{i}", arrays)
                     step(f"layer {i + 1}/{n} hessian")
                 losses = self._solve_layer(i, layer, progress, task, step)
@@ -165,9 +173,12 @@ class Job:
                     self.mark(f"forward/{i}", arrays)
                     step(f"layer {i + 1}/{n} forward")
                 store.delete(acts_name(i))
+                store.delete(hessians_name(i))  # GPTQ's: only this layer's solves need them
                 summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
+                what = "output error" if cfg.gptq else "weighted loss"
+                summary += raised_damping_note(store, i, ckpt.arch.linears)
                 progress.console.print(
-                    f"layer {i + 1}/{n}: weighted loss {summary} "
+                    f"layer {i + 1}/{n}: {what} {summary} "
                     f"({time.perf_counter() - started:.1f} s)"
                 )
                 del layer
@@ -182,6 +193,8 @@ class Job:
                     },
                     "sequential": cfg.sequential,
                 }
+                if cfg.gptq:
+                    info["gptq"] = {"act_order": cfg.act_order, "block_size": cfg.gptq_block_size}
                 run_pack(store, ckpt, out, info)
                 if not store.is_done("pack"):
                     self.mark("pack", [], {"out": str(out)})
@@ -199,7 +212,7 @@ class Job:
         n = self.ckpt.layer_count
         losses: dict[str, float] = {}
         for group, linears in arch.linear_groups:
-            h = None
+            h = hessian = None
             for linear in linears:
                 key = f"solve/{i}/{linear}"
                 if not store.is_done(key):
@@ -207,14 +220,28 @@ class Job:
                     if h is None:
                         h = store.read_array(h_name(i, group), device=self.device)
                     weight = layer.get_submodule(linear).weight
-                    arrays, loss = run_solve(
-                        store, i, linear, weight, h, bits=cfg.bits, group_size=cfg.group_size,
-                        method=cfg.method, device=self.device,
-                        weight_name=f"{arch.layer_prefix(i)}{linear}.weight",
-                    )
-                    self.mark(key, arrays, {"loss": loss})
+                    weight_name = f"{arch.layer_prefix(i)}{linear}.weight"
+                    if cfg.gptq:
+                        if hessian is None:
+                            hessian = read_hessian(store, hessian_name(i, group), self.device)
+                        arrays, info = run_gptq_solve(
+                            store, i, linear, weight, h, hessian, bits=cfg.bits,
+                            group_size=cfg.group_size, method=cfg.method,
+                            act_order=cfg.act_order, block_size=cfg.gptq_block_size,
+                            device=self.device, weight_name=weight_name,
+                        )
+                    else:
+                        arrays, loss = run_solve(
+                            store, i, linear, weight, h, bits=cfg.bits,
+                            group_size=cfg.group_size, method=cfg.method, device=self.device,
+                            weight_name=weight_name,
+                        )
+                        info = {"loss": loss}
+                    self.mark(key, arrays, info)
                     step(f"layer {i + 1}/{n} {linear}")
-                losses[linear] = store.record(key)["info"]["loss"]
+                info = store.record(key)["info"]
+                losses[linear] = info.get("output_error", info["loss"])
+            del hessian
         return losses
 
     def _load_quantized_weights(self, i: int, layer: torch.nn.Module) -> None:

@@ -1,0 +1,221 @@
+"""GPTQ (LDLQ) error compensation on top of given per-group scales and zero-points.
+
+Pure tensor code: tensors in, tensors out, on the ``device`` argument. No I/O.
+
+A linear ``y = x Wᵀ`` with weight ``W [out, in]`` and calibration Hessian ``H = XᵀX / tokens``
+``[in, in]`` is quantized column by column so that the output error ``tr((W - Ŵ) H (W - Ŵ)ᵀ)``
+stays small (Frantar et al. 2022, "GPTQ"; LDLQ of Chee et al. 2023 is the same update):
+
+1. Dampening: ``H + λ·mean(diag H)·I`` with ``λ = damp`` (1%); an input that never fires
+   (``H_jj = 0``) gets ``H_jj = 1`` first, as GPTQ does. If a Cholesky factorisation below fails
+   (``H`` not positive definite, e.g. from float32 round-off) ``λ`` is multiplied by 10 and the
+   factorisation retried; the ``λ`` that worked is returned (``damp_used``), never an exception.
+   If no ``λ`` works (a non-finite ``H``) the columns are rounded independently (plain RTN) and
+   ``damp_used`` is ``inf``.
+2. Act-order: the columns are processed in order of decreasing ``H_jj``. Groups are static: each
+   column keeps the ``(s, z)`` of its original group of ``group_size`` consecutive inputs, so the
+   output has the usual layout (``ŵ = s·(q - z)``, codes in ``[0, 2**bits - 1]``) and nothing
+   downstream needs a permutation.
+3. ``U`` = the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``). Column ``j`` (in processing order)
+   is rounded with its group's ``(s, z)``: ``q_j = clamp(round(w_j / s + z), 0, n - 1)``; its error
+   ``e_j = (w_j - ŵ_j) / U_jj`` is spread over the columns not yet quantized,
+   ``w_k -= e_j U_jk`` for ``k > j`` (the optimal-brain-surgeon update).
+4. Blocked lazy updates: the update runs inside a block of ``block_size`` columns; the columns
+   after the block receive the whole block's errors in one matrix product.
+
+The ``(s, z)`` normally come from the caller, computed once from the original weights (the NeUQI
+recipe: ``solver.quantize_tensor`` with ``minmax``, ``neuqi-int`` or ``neuqi``). With
+``lazy_minmax`` (the original GPTQ's own quantizer, method ``minmax-lazy``) a group's Min-Max
+parameters are computed when its first column is reached, from the group's weights as they are
+then, i.e. after the compensation of all columns processed before. Groups stay static under
+act-order here too: the group's columns are the ``group_size`` consecutive original inputs, all
+still unquantized when the first of them (in processing order) comes up, so their current values
+are exact (pending lazy-block updates included).
+
+With ``H = I`` every update is zero and the result is bitwise that of rounding to nearest with the
+given ``(s, z)``, i.e. of ``solver.quantize_tensor``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from neuqi.solver import check_bits, check_group_size, dequantize, minmax_params
+
+LAZY_MINMAX = "minmax-lazy"  # method name of the original GPTQ's lazy per-group Min-Max
+DAMP = 0.01  # fraction of the mean diagonal added to H's diagonal (GPTQ's percdamp)
+DAMP_GROWTH = 10.0  # factor on the damping after a failed Cholesky
+DAMP_TRIES = 8  # damping up to DAMP * 10**7 of the mean diagonal, then plain rounding
+BLOCK_SIZE = 128  # columns per lazy batch update (GPTQ's default)
+
+
+@dataclass
+class GPTQResult:
+    """GPTQ's quantized weight, in ``solver.QuantizedTensor``'s conventions.
+
+    codes:        uint8 ``[out, in]`` in ``[0, 2**bits - 1]``
+    scale:        float32 ``[out, n_groups]``
+    zero_point:   float32 ``[out, n_groups]``
+    damp_used:    the dampening fraction that made ``H`` positive definite (``inf``: none did)
+    output_error: ``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` with the ``H`` given (undampened), summed over rows
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    damp_used: float
+    output_error: float
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, self.group_size, dtype)
+
+
+def inverse_hessian_factor(
+    hessian: Tensor, damp: float = DAMP
+) -> tuple[Tensor | None, float]:
+    """The upper Cholesky factor ``U`` of ``(H + λ·mean(diag H)·I)⁻¹`` and the ``λ`` used.
+
+    ``hessian`` is not modified. Starting at ``λ = damp``, ``λ`` grows tenfold after each failed
+    factorisation; ``(None, inf)`` when ``DAMP_TRIES`` values all fail.
+    """
+    diag = hessian.diagonal()
+    base = float(diag.mean())
+    if not math.isfinite(base) or base <= 0:
+        base = 1.0
+    dead = diag == 0
+    for attempt in range(DAMP_TRIES):
+        lam = damp * DAMP_GROWTH**attempt
+        work = hessian.clone()
+        work.diagonal()[dead] = 1.0
+        work.diagonal().add_(lam * base)
+        factor, info = torch.linalg.cholesky_ex(work)
+        del work
+        if int(info) != 0 or not torch.isfinite(factor).all():
+            continue
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if int(info) == 0 and torch.isfinite(upper).all():
+            return upper, lam
+    return None, math.inf
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    scale: Tensor | None = None,
+    zero_point: Tensor | None = None,
+    *,
+    bits: int,
+    group_size: int,
+    act_order: bool = True,
+    block_size: int = BLOCK_SIZE,
+    damp: float = DAMP,
+    lazy_minmax: bool = False,
+    device: torch.device | str | None = None,
+    name: str = "weight",
+) -> GPTQResult:
+    """Quantize ``weight [out, in]`` with GPTQ against ``hessian [in, in]`` (see the module note).
+
+    ``scale``/``zero_point [out, n_groups]`` are the fixed per-group parameters (required unless
+    ``lazy_minmax``, which computes its own). Computation is in float32 on ``device`` (default: the
+    weight's); results come back on that device. ``hessian`` is not modified.
+    """
+    check_bits(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"{name}: hessian has shape {tuple(hessian.shape)}, need ({in_features}, {in_features})"
+        )
+    if block_size < 1:
+        raise ValueError(f"{name}: block_size {block_size} must be positive")
+    g = check_group_size(in_features, group_size, name)
+    n_groups = in_features // g
+    device = torch.device(device) if device is not None else weight.device
+    levels = 2**bits
+    if lazy_minmax:
+        scale = torch.ones(out_features, n_groups, device=device)
+        zero_point = torch.zeros(out_features, n_groups, device=device)
+    elif scale is None or zero_point is None:
+        raise ValueError(f"{name}: scale and zero_point are needed unless lazy_minmax is set")
+    else:
+        if scale.shape != (out_features, n_groups) or zero_point.shape != scale.shape:
+            raise ValueError(f"{name}: scale/zero_point must have shape ({out_features}, {n_groups})")
+        scale = scale.to(device=device, dtype=torch.float32).clone()
+        zero_point = zero_point.to(device=device, dtype=torch.float32).clone()
+
+    h = hessian.to(device=device, dtype=torch.float32)
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        work_h = h[perm][:, perm]
+    else:
+        perm = torch.arange(in_features, device=device)
+        work_h = h
+    upper, damp_used = inverse_hessian_factor(work_h, damp)
+    del work_h
+    w_orig = weight.to(device=device, dtype=torch.float32)
+    w = w_orig[:, perm].clone()
+    groups_of = (perm // g).tolist()  # original group of each column in processing order
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(in_features, device=device)
+    # lazy Min-Max: the columns (processing positions) of each group, and where each group starts
+    group_positions = position.view(n_groups, g)
+    group_start = set(group_positions.amin(1).tolist()) if lazy_minmax else set()
+
+    codes = torch.empty(out_features, in_features, device=device)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        block = w[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        u_block = upper[i1:i2, i1:i2] if upper is not None else None
+        for i in range(i2 - i1):
+            j = i1 + i
+            grp = groups_of[j]
+            if j in group_start:
+                cols = group_positions[grp]
+                current = _current_columns(w, block, errors[:, :i], upper, cols, i1, i2, j)
+                scale[:, grp], zero_point[:, grp] = minmax_params(current, levels)
+            s, z = scale[:, grp], zero_point[:, grp]
+            col = block[:, i]
+            q = torch.round(col / s + z).clamp(0, levels - 1)
+            codes[:, j] = q
+            if u_block is None:
+                continue
+            err = (col - s * (q - z)) / u_block[i, i]
+            block[:, i:] -= err.unsqueeze(1) * u_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        if upper is not None and i2 < in_features:
+            w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    del w, upper
+    codes = codes[:, position].to(torch.uint8)
+    diff = w_orig - dequantize(codes, scale, zero_point, group_size)
+    output_error = float(((diff @ h) * diff).sum())
+    return GPTQResult(codes, scale, zero_point, damp_used, output_error, bits, group_size)
+
+
+def _current_columns(
+    w: Tensor, block: Tensor, errors: Tensor, upper: Tensor | None, cols: Tensor, i1: int,
+    i2: int, j: int,
+) -> Tensor:
+    """The present values of the not-yet-quantized columns ``cols`` (processing positions, all
+    ``>= j``): inside the block they are in ``block``; after it they lack the pending lazy update
+    from the block's first ``j - i1`` errors, which is applied here."""
+    out = torch.empty(w.shape[0], cols.numel(), device=w.device)
+    inside = cols < i2
+    out[:, inside] = block[:, cols[inside] - i1]
+    later = cols[~inside]
+    if later.numel():
+        pending = w[:, later]
+        if upper is not None and j > i1:
+            pending = pending - errors @ upper[i1:j][:, later]
+        out[:, ~inside] = pending
+    return out

@@ -1,0 +1,112 @@
+"""GPTQ's parts of the `hessian` and `solve` stages: the full input Hessians in the job store, and
+the per-linear solve with error compensation (`neuqi quantize --gptq`).
+
+The full Hessian ``H = XᵀX / tokens`` of every distinct input of a layer is accumulated in float32
+on the run's device, in a fixed order, and stored as ``layers/{i}/H/{group}``, chunked by rows and
+written from the device one row block at a time, so the host never holds a second full copy. It is
+read back the same way, into a tensor on the device. The runner deletes a layer's Hessians once all
+of the layer's linears are solved (a 70B model's would otherwise fill the disk).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from neuqi.gptq import DAMP, LAZY_MINMAX, gptq_quantize
+from neuqi.pipeline.store import JobStore
+from neuqi.solver import quantize_tensor
+from neuqi.stages.common import Q_PARTS, q_name
+
+HESSIAN_BLOCK_BYTES = 16 * 2**20  # rows per chunk of a stored Hessian: about 16 MiB
+
+
+def hessians_name(layer: int) -> str:
+    """Folder of the full Hessians of layer ``layer`` (deleted with :meth:`JobStore.delete`)."""
+    return f"layers/{layer}/H"
+
+
+def hessian_name(layer: int, group: str) -> str:
+    """Full Hessian ``[in, in]`` of one input of layer ``layer`` (group of ArchSpec.linear_groups)."""
+    return f"{hessians_name(layer)}/{group}"
+
+
+def _block_rows(d: int) -> int:
+    return max(1, HESSIAN_BLOCK_BYTES // (4 * d))
+
+
+def accumulate_hessian(total: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``total + xᵀx`` for inputs ``x [..., d]``, in float32 (in place when ``total`` exists)."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if total is None:
+        return x.T @ x
+    return total.addmm_(x.T, x)
+
+
+def write_hessian(store: JobStore, name: str, hessian: torch.Tensor) -> None:
+    """Store ``hessian [d, d]`` (float32) in row blocks, one chunk per block."""
+    d = hessian.shape[0]
+    rows = _block_rows(d)
+    store.create_array(name, hessian.shape, torch.float32, chunks=rows)
+    for start in range(0, d, rows):
+        store.write_rows(name, start, hessian[start:start + rows].to(torch.float32).cpu())
+
+
+def read_hessian(store: JobStore, name: str, device: torch.device) -> torch.Tensor:
+    """The stored Hessian ``name``, on ``device``, read one row block at a time."""
+    d = store.array_shape(name)[0]
+    out = torch.empty(d, d, dtype=torch.float32, device=device)
+    rows = _block_rows(d)
+    for start in range(0, d, rows):
+        stop = min(start + rows, d)
+        out[start:stop] = store.read_array(name, device=device, rows=slice(start, stop))
+    return out
+
+
+def run_gptq_solve(
+    store: JobStore, layer_index: int, linear: str, weight: torch.Tensor, h_diag: torch.Tensor,
+    hessian: torch.Tensor, *, bits: int, group_size: int, method: str, act_order: bool,
+    block_size: int, device: torch.device, weight_name: str,
+) -> tuple[list[str], dict[str, Any]]:
+    """GPTQ for one linear: initial (s, z) from ``method`` on the original weight and ``h_diag``
+    (none for ``minmax-lazy``, which finds its own), then error compensation against ``hessian``.
+    Stores codes/scale/zero_point/loss as `run_solve` does (loss: ``sum_i h_i (w_i - ŵ_i)²`` per
+    group, the same definition) and returns the array names and the record's info: ``loss`` (its
+    total), ``output_error`` (``tr(ΔHΔᵀ)``, what GPTQ minimises) and ``damp`` (the dampening
+    fraction that made ``H`` positive definite; None: none did, the columns were rounded)."""
+    lazy = method == LAZY_MINMAX
+    scale = zero = None
+    if not lazy:
+        init = quantize_tensor(weight, h_diag, bits=bits, group_size=group_size, method=method,
+                               device=device, name=weight_name)
+        scale, zero = init.scale, init.zero_point
+        del init
+    res = gptq_quantize(
+        weight, hessian, scale, zero, bits=bits, group_size=group_size, act_order=act_order,
+        block_size=block_size, lazy_minmax=lazy, device=device, name=weight_name,
+    )
+    out_features = res.codes.shape[0]
+    w = weight.to(device=device, dtype=torch.float32)
+    diff2 = (w - res.dequantize()).pow(2) * h_diag.to(device=device, dtype=torch.float32)
+    loss = diff2.view(out_features, res.scale.shape[1], -1).sum(-1)
+    parts = {"codes": res.codes, "scale": res.scale, "zero_point": res.zero_point, "loss": loss}
+    names = []
+    for part in Q_PARTS:
+        name = q_name(layer_index, linear, part)
+        store.write_array(name, parts[part].cpu())
+        names.append(name)
+    info = {"loss": float(loss.sum()), "output_error": res.output_error, "damp": res.damp_used if math.isfinite(res.damp_used) else None}
+    return names, info
+
+
+def raised_damping_note(store: JobStore, layer: int, linears: tuple[str, ...]) -> str:
+    """For the layer's log line: the linears whose Hessian needed more than the default damping."""
+    raised = []
+    for linear in linears:
+        damp = store.record(f"solve/{layer}/{linear}")["info"].get("damp", DAMP)
+        if damp is None or damp > DAMP:
+            what = "none worked, rounded" if damp is None else f"{damp:g}"
+            raised.append(f"{linear.split('.')[-1]} {what}")
+    return f"; damping raised: {', '.join(raised)}" if raised else ""

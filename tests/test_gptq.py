@@ -1,0 +1,182 @@
+"""GPTQ (LDLQ) on a single linear: error compensation, act-order, dampening, lazy Min-Max."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuqi.gptq import DAMP, gptq_quantize
+from neuqi.solver import METHODS, quantize_tensor
+
+BITS, GROUP = 3, 16
+
+
+def correlated_layer(seed: int = 0, tokens: int = 1024, d_in: int = 64, d_out: int = 48):
+    """Inputs with strongly correlated channels of unequal scale, and a random weight."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=gen) / d_in**0.5 + torch.eye(d_in)
+    x = torch.randn(tokens, d_in, generator=gen) * torch.rand(d_in, generator=gen).add(0.2)
+    x = x @ mix
+    weight = 0.05 * torch.randn(d_out, d_in, generator=gen)
+    hessian = x.T @ x / tokens
+    h_diag = hessian.diagonal() + DAMP * hessian.diagonal().mean()
+    return x, weight, hessian, h_diag
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, deq: torch.Tensor) -> float:
+    return float((x @ (weight - deq).T).norm())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_output_error_is_below_rtn_for_each_initialisation(method: str, act_order: bool):
+    x, weight, hessian, h_diag = correlated_layer()
+    rtn = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method=method)
+    res = gptq_quantize(weight, hessian, rtn.scale, rtn.zero_point, bits=BITS,
+                        group_size=GROUP, act_order=act_order, block_size=24)
+    rtn_err = output_error(x, weight, rtn.dequantize())
+    gptq_err = output_error(x, weight, res.dequantize())
+    assert gptq_err < 0.95 * rtn_err, (gptq_err, rtn_err)
+    # the static groups keep the initialisation's parameters
+    assert torch.equal(res.scale, rtn.scale) and torch.equal(res.zero_point, rtn.zero_point)
+    assert res.codes.dtype == torch.uint8 and int(res.codes.max()) <= 2**BITS - 1
+    assert res.damp_used == DAMP
+    # the reported error is tr(ΔHΔᵀ) = ‖XΔᵀ‖² / tokens
+    assert res.output_error == pytest.approx(gptq_err**2 / x.shape[0], rel=1e-3)
+
+
+def test_lazy_minmax_gptq_is_below_rtn_and_neuqi_gptq_is_best():
+    x, weight, hessian, h_diag = correlated_layer(seed=1)
+    rtn = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="minmax")
+    lazy = gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP, lazy_minmax=True)
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="neuqi")
+    neuqi = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS,
+                          group_size=GROUP)
+    rtn_err = output_error(x, weight, rtn.dequantize())
+    lazy_err = output_error(x, weight, lazy.dequantize())
+    assert lazy_err < 0.95 * rtn_err
+    assert output_error(x, weight, neuqi.dequantize()) < lazy_err
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("act_order", [True, False])
+def test_identity_hessian_gives_rtn_bitwise(method: str, act_order: bool):
+    _, weight, _, h_diag = correlated_layer(seed=2)
+    rtn = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method=method)
+    eye = torch.eye(weight.shape[1])
+    res = gptq_quantize(weight, eye, rtn.scale, rtn.zero_point, bits=BITS, group_size=GROUP,
+                        act_order=act_order, block_size=10)
+    assert torch.equal(res.codes, rtn.codes)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_identity_hessian_lazy_minmax_is_minmax_rtn(act_order: bool):
+    _, weight, _, _ = correlated_layer(seed=3)
+    rtn = quantize_tensor(weight, None, bits=BITS, group_size=GROUP, method="minmax")
+    res = gptq_quantize(weight, torch.eye(weight.shape[1]), bits=BITS, group_size=GROUP,
+                        lazy_minmax=True, act_order=act_order)
+    assert torch.equal(res.codes, rtn.codes)
+    assert torch.equal(res.scale, rtn.scale) and torch.equal(res.zero_point, rtn.zero_point)
+
+
+@pytest.mark.parametrize("group_size", [GROUP, -1])
+def test_act_order_round_trips_the_permutation(group_size: int):
+    """Reordering the inputs (whole groups, so the groups stay the same) does not change which
+    column GPTQ processes when under act-order, so the codes are the reordered codes, bitwise."""
+    _, weight, hessian, h_diag = correlated_layer(seed=4)
+    d_in = weight.shape[1]
+    g = d_in if group_size == -1 else group_size
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=group_size, method="neuqi")
+    gen = torch.Generator().manual_seed(5)
+    if group_size == -1:
+        group_perm = torch.zeros(1, dtype=torch.long)
+        perm = torch.randperm(d_in, generator=gen)
+    else:
+        group_perm = torch.randperm(d_in // g, generator=gen)
+        perm = (group_perm.unsqueeze(1) * g + torch.arange(g)).reshape(-1)
+    res = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS,
+                        group_size=group_size, block_size=20)
+    moved = gptq_quantize(weight[:, perm], hessian[perm][:, perm], init.scale[:, group_perm],
+                          init.zero_point[:, group_perm], bits=BITS, group_size=group_size,
+                          block_size=20)
+    assert torch.equal(moved.codes, res.codes[:, perm])
+    # and act-order really reorders: without it the result differs
+    plain = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS,
+                          group_size=group_size, act_order=False, block_size=20)
+    assert not torch.equal(plain.codes, res.codes)
+
+
+def test_act_order_on_a_sorted_diagonal_is_the_plain_order():
+    _, weight, hessian, h_diag = correlated_layer(seed=6)
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    weight, hessian, h_diag = weight[:, order], hessian[order][:, order], h_diag[order]
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="neuqi")
+    a = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS, group_size=GROUP)
+    b = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS, group_size=GROUP,
+                      act_order=False)
+    assert torch.equal(a.codes, b.codes)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_lazy_minmax_does_not_depend_on_the_block_size(act_order: bool):
+    """Groups that straddle blocks get their Min-Max from the weights with the pending block
+    updates applied: the same parameters as with one block for all columns."""
+    _, weight, hessian, _ = correlated_layer(seed=7)
+    ref = gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP, lazy_minmax=True,
+                        act_order=act_order, block_size=weight.shape[1])
+    res = gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP, lazy_minmax=True,
+                        act_order=act_order, block_size=7)
+    assert torch.allclose(res.scale, ref.scale, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(res.zero_point, ref.zero_point)
+    assert (res.codes != ref.codes).float().mean() < 0.01
+
+
+def test_non_positive_definite_hessian_is_dampened_further_and_reported():
+    _, weight, hessian, h_diag = correlated_layer(seed=8)
+    # a negative eigenvalue far beyond 1% of the mean diagonal
+    v = torch.linalg.eigh(hessian).eigenvectors[:, 0]
+    bad = hessian - 2 * hessian.diagonal().mean() * torch.outer(v, v)
+    assert torch.linalg.cholesky_ex(bad + DAMP * bad.diagonal().mean() * torch.eye(64))[1] != 0
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="minmax")
+    res = gptq_quantize(weight, bad, init.scale, init.zero_point, bits=BITS, group_size=GROUP)
+    assert res.damp_used > DAMP
+    assert math.isfinite(res.output_error)
+    assert int(res.codes.max()) <= 2**BITS - 1
+
+
+def test_rank_deficient_inputs_and_a_dead_channel_work_at_the_default_damping():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(20, 64, generator=gen)  # fewer tokens than inputs: XᵀX is singular
+    x[:, 5] = 0  # an input that never fires
+    weight = 0.05 * torch.randn(32, 64, generator=gen)
+    hessian = x.T @ x / 20
+    init = quantize_tensor(weight, hessian.diagonal() + 0.01, bits=BITS, group_size=GROUP,
+                           method="neuqi-int")
+    res = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS, group_size=GROUP)
+    assert res.damp_used == DAMP
+    assert output_error(x, weight, res.dequantize()) < output_error(x, weight, init.dequantize())
+
+
+def test_non_finite_hessian_falls_back_to_rounding():
+    _, weight, hessian, h_diag = correlated_layer(seed=10)
+    hessian = hessian.clone()
+    hessian[3, 4] = hessian[4, 3] = float("nan")
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="neuqi")
+    res = gptq_quantize(weight, hessian, init.scale, init.zero_point, bits=BITS, group_size=GROUP)
+    assert res.damp_used == math.inf
+    assert torch.equal(res.codes, init.codes)
+
+
+def test_bad_arguments_are_refused():
+    _, weight, hessian, h_diag = correlated_layer()
+    init = quantize_tensor(weight, h_diag, bits=BITS, group_size=GROUP, method="minmax")
+    with pytest.raises(ValueError, match="hessian"):
+        gptq_quantize(weight, hessian[:10, :10], init.scale, init.zero_point, bits=BITS,
+                      group_size=GROUP)
+    with pytest.raises(ValueError, match="lazy_minmax"):
+        gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP)
+    with pytest.raises(ValueError, match="scale"):
+        gptq_quantize(weight, hessian, init.scale[:, :1], init.zero_point, bits=BITS,
+                      group_size=GROUP)
