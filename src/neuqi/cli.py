@@ -70,6 +70,10 @@ def quantize(
              "full-precision ones.")] = True,
     dtype: Annotated[DType, typer.Option(help="Compute and activation dtype.")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward batch.")] = 8,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
+             "joins a running cluster (workers must see the job store and the model under the "
+             "same paths). Default: in this process. The result is the same.")] = None,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     from neuqi.pipeline.config import QuantizeConfig
@@ -84,7 +88,7 @@ def quantize(
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
     )
-    result = run(config, job, device.value, err)
+    result = run(config, job, device.value, err, scheduler)
     typer.echo(str(result))
 
 
@@ -92,11 +96,15 @@ def quantize(
 def resume(
     job: Annotated[Path, typer.Argument(help="Job store folder of a stopped job.")],
     device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
+             "joins a running cluster (workers must see the job store and the model under the "
+             "same paths). Default: in this process. The result is the same.")] = None,
 ) -> None:
     """Continue a stopped job with the options it was started with."""
     from neuqi.pipeline.runner import resume as run
 
-    typer.echo(str(run(job, device.value, err)))
+    typer.echo(str(run(job, device.value, err, scheduler)))
 
 
 @app.command()
