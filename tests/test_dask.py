@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import distributed
@@ -139,3 +141,15 @@ def test_cuda_on_a_cluster_without_gpu_workers_is_refused():
         pytest.raises(UserError, match="--resources GPU=1"),
     ):
         open_executor(cluster.scheduler_address, "cuda")
+
+
+def test_cli_refuses_a_bad_scheduler_in_one_line(tiny_llama: Path, tmp_path: Path):
+    r = subprocess.run(
+        [sys.executable, "-c", "from neuqi.cli import main; main()", "quantize", str(tiny_llama),
+         "--out", str(tmp_path / "out"), "--device", "cpu", "--scheduler", "lokal:2"],
+        check=False, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--scheduler lokal:2" in lines[0], r.stderr
+    assert not (tmp_path / "out.job").exists()

@@ -174,8 +174,9 @@ class Job:
                     self.mark(f"hessian/{i}", write_hessian(store, i, ckpt.arch, sums))
                     step(f"layer {i + 1}/{n} hessian")
                 pending.append(self._submit_solves(i, started))
-                if cfg.sequential or last:
-                    self._finish_solves(pending, progress, step, wait=True)
+                if cfg.sequential and not last:  # the forward pass needs the quantized weights
+                    for future in pending[-1].futures.values():
+                        future.result()
                 if not last:
                     progress.update(task, description=f"layer {i + 1}/{n} forward")
                     dst = create_next_acts(store, i, cfg.torch_dtype)
