@@ -81,6 +81,10 @@ def quantize(
         help="GPTQ: quantize columns by decreasing Hessian diagonal.")] = True,
     gptq_block_size: Annotated[int, typer.Option(
         help="GPTQ: columns per lazy batch update.")] = 128,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
+             "joins a running cluster (workers must see the job store and the model under the "
+             "same paths). Default: in this process. The result is the same.")] = None,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     from neuqi.pipeline.config import QuantizeConfig
@@ -96,7 +100,7 @@ def quantize(
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
     )
-    result = run(config, job, device.value, err)
+    result = run(config, job, device.value, err, scheduler)
     typer.echo(str(result))
 
 
@@ -104,11 +108,15 @@ def quantize(
 def resume(
     job: Annotated[Path, typer.Argument(help="Job store folder of a stopped job.")],
     device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
+             "joins a running cluster (workers must see the job store and the model under the "
+             "same paths). Default: in this process. The result is the same.")] = None,
 ) -> None:
     """Continue a stopped job with the options it was started with."""
     from neuqi.pipeline.runner import resume as run
 
-    typer.echo(str(run(job, device.value, err)))
+    typer.echo(str(run(job, device.value, err, scheduler)))
 
 
 @app.command()

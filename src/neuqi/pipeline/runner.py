@@ -8,10 +8,8 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +27,43 @@ from rich.progress import (
 from neuqi.calib import calibration_windows, load_calibration_text
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.errors import UserError, disk_full_is_user_error
-from neuqi.models import LLAMA_LIKE, build_layer, build_rotary
+from neuqi.models import LLAMA_LIKE
 from neuqi.output import check_output_target, is_neuqi_output
+from neuqi.pipeline import tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
-from neuqi.pipeline.store import JobStore
-from neuqi.solver import check_group_size, dequantize
-from neuqi.stages.common import Q_PARTS, acts_name, h_name, q_name
-from neuqi.stages.embed import run_embed
-from neuqi.stages.forward import run_forward
-from neuqi.stages.gptq import (
-    hessian_name,
-    hessians_name,
-    raised_damping_note,
-    read_hessian,
-    run_gptq_solve,
+from neuqi.pipeline.executor import (
+    Executor,
+    InProcessExecutor,
+    check_scheduler,
+    is_remote,
+    open_executor,
+    resolve_device,
 )
-from neuqi.stages.hessian import run_hessian
+from neuqi.pipeline.store import JobStore
+from neuqi.pipeline.tasks import KILL_AFTER_ENV
+from neuqi.solver import check_group_size
+from neuqi.stages.common import acts_name
+from neuqi.stages.forward import create_next_acts
+from neuqi.stages.gptq import hessian_name, hessians_name, raised_damping_note
+from neuqi.stages.hessian import batch_starts, write_hessian
 from neuqi.stages.pack import run_pack
-from neuqi.stages.solve import run_solve
 
-# Fault injection for the crash tests: SIGKILL this process after that many completion records.
-KILL_AFTER_ENV = "NEUQI_FAULT_KILL_AFTER_RECORDS"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device {device}: choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
-    return torch.device(device)
+__all__ = ["KILL_AFTER_ENV", "Job", "quantize", "resolve_device", "resume", "status"]
 
 
 def quantize(
     config: QuantizeConfig, job: str | Path | None = None, device: str = "auto",
-    console: Console | None = None,
+    console: Console | None = None, scheduler: str | None = None,
 ) -> Path:
     """Quantize ``config.model`` into ``config.out``, resuming the job store ``job`` if it exists
-    (default: ``<out>.job``). Returns the output folder."""
+    (default: ``<out>.job``). ``scheduler``: None to compute in this process, ``local[:N]`` or a
+    dask scheduler address to run the tasks on a dask cluster (same result). Returns the output
+    folder."""
     console = console or Console(stderr=True)
     config.validate()
-    dev = resolve_device(device)
+    check_scheduler(scheduler)
+    if not is_remote(scheduler):
+        resolve_device(device)  # refuse a bad device before any work
     ckpt = Checkpoint.open(resolve_model(config.model))
     for i in range(ckpt.layer_count):  # refuse a bad group size before any work
         for linear in ckpt.arch.linears:
@@ -86,37 +79,53 @@ def quantize(
     job_dir = job or default_job_dir(out)
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
         store = JobStore.create_or_open(job_dir, manifest)
-        with store.locked():
-            return Job(store, ckpt, config, dev, console).run(windows)
+        with store.locked(), open_executor(scheduler, device) as executor:
+            return Job(store, ckpt, config, executor.device, console, executor).run(windows)
 
 
-def resume(job: str | Path, device: str = "auto", console: Console | None = None) -> Path:
+def resume(
+    job: str | Path, device: str = "auto", console: Console | None = None,
+    scheduler: str | None = None,
+) -> Path:
     """Continue the job in store ``job`` with the options it was made with."""
     store = JobStore.open_existing(job)
-    return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console)
+    return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console, scheduler)
+
+
+@dataclass
+class Pending:
+    """The solve tasks of one layer: linear -> future of its loss; ``fresh``: the linears that
+    were not solved yet when submitted."""
+
+    index: int
+    started: float
+    futures: dict[str, Any]
+    fresh: set[str]
 
 
 @dataclass
 class Job:
+    """The order of the work. Each unit is a task of :mod:`neuqi.pipeline.tasks` handed to the
+    executor: the batches of a layer's Hessian and forward pass (split over the workers), and
+    every linear's solve (all of a layer's at once). Layers follow one another; without
+    sequential quantization a layer's solves run on while later layers are calibrated. The
+    output is packed in this process at the end."""
+
     store: JobStore
     ckpt: Checkpoint
     config: QuantizeConfig
     device: torch.device
     console: Console
-    records_written: int = 0
-    kill_after: int | None = field(default=None)
+    executor: Executor | None = None
 
     def __post_init__(self) -> None:
-        value = os.environ.get(KILL_AFTER_ENV)
-        self.kill_after = int(value) if value else None
+        if self.executor is None:
+            self.executor = InProcessExecutor(self.device)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def mark(self, key: str, arrays: list[str], info: dict[str, Any] | None = None) -> None:
-        self.store.mark_done(key, info, arrays)
-        self.records_written += 1
-        if self.kill_after is not None and self.records_written >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        tasks.mark(self.store, key, arrays, info)
 
     def units(self) -> tuple[int, int]:
         """(done, total) units of work: embed, per layer hessian + solves + forward, pack."""
@@ -125,12 +134,17 @@ class Job:
         done = len(self.store.records())
         return min(done, total), total
 
+    def submit(self, fn: Any, *args: Any, key: str) -> Any:
+        """``fn(store, ckpt, config, *args, device)`` on the executor."""
+        assert self.executor is not None
+        return self.executor.submit(fn, self.store, self.ckpt, self.config, *args,
+                                    str(self.device), key=key)
+
     # -- the job -------------------------------------------------------------------------------
 
     def run(self, windows: torch.Tensor) -> Path:
         cfg, ckpt, store = self.config, self.ckpt, self.store
         n = ckpt.layer_count
-        dtype = cfg.torch_dtype
         done, total = self.units()
         if done:
             self.console.print(f"resuming job {store.path}: {done}/{total} steps already done")
@@ -145,43 +159,42 @@ class Job:
                 progress.update(task, advance=1, description=description)
 
             if not store.is_done("embed"):
-                arrays = run_embed(store, ckpt, windows, dtype, cfg.batch_size, self.device)
-                self.mark("embed", arrays)
+                self.submit(tasks.embed_task, windows, key="embed").result()
                 step("embed")
-            rotary = build_rotary(ckpt.config, self.device)
+            pending: list[Pending] = []  # layers whose solves are submitted, oldest first
             for i in range(n):
                 last = i == n - 1
-                if store.is_done(f"forward/{i}") or (last and self._solved(i)):
-                    store.delete(acts_name(i))
-                    store.delete(hessians_name(i))
-                    continue
                 started = time.perf_counter()
-                layer = build_layer(ckpt, i, self.device, dtype)
+                if store.is_done(f"forward/{i}") or (last and self._solved(i)):
+                    # its solves may be unfinished when they overlapped later layers
+                    pending.append(self._submit_solves(i, started))
+                    store.delete(acts_name(i))
+                    continue
                 if not store.is_done(f"hessian/{i}"):
                     progress.update(task, description=f"layer {i + 1}/{n} hessian")
-                    arrays = run_hessian(store, i, layer, ckpt.arch, rotary, cfg.batch_size,
-                                         self.device, full=cfg.gptq)
+                    # GPTQ's float32 full Hessians are summed in one task: one order, one result
+                    sums = [s for f in self._submit_batches(tasks.hessian_task, i, "hessian",
+                                                            whole=cfg.gptq)
+                            for s in f.result()]
+                    arrays = write_hessian(store, i, ckpt.arch, sums)
+                    if cfg.gptq:
+                        arrays += [hessian_name(i, g) for g, _ in ckpt.arch.linear_groups]
                     self.mark(f"hessian/{i}", arrays)
                     step(f"layer {i + 1}/{n} hessian")
-                losses = self._solve_layer(i, layer, progress, task, step)
+                pending.append(self._submit_solves(i, started))
+                if cfg.sequential and not last:  # the forward pass needs the quantized weights
+                    for future in pending[-1].futures.values():
+                        future.result()
                 if not last:
                     progress.update(task, description=f"layer {i + 1}/{n} forward")
-                    if cfg.sequential:
-                        self._load_quantized_weights(i, layer)
-                    arrays = run_forward(store, i, layer, rotary, dtype, cfg.batch_size,
-                                         self.device)
-                    self.mark(f"forward/{i}", arrays)
+                    dst = create_next_acts(store, i, cfg.torch_dtype)
+                    for f in self._submit_batches(tasks.forward_task, i, "forward"):
+                        f.result()
+                    self.mark(f"forward/{i}", [dst])
                     step(f"layer {i + 1}/{n} forward")
                 store.delete(acts_name(i))
-                store.delete(hessians_name(i))  # GPTQ's: only this layer's solves need them
-                summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
-                what = "output error" if cfg.gptq else "weighted loss"
-                summary += raised_damping_note(store, i, ckpt.arch.linears)
-                progress.console.print(
-                    f"layer {i + 1}/{n}: {what} {summary} "
-                    f"({time.perf_counter() - started:.1f} s)"
-                )
-                del layer
+                self._finish_solves(pending, progress, step, wait=False)
+            self._finish_solves(pending, progress, step, wait=True)
             out = Path(cfg.out).expanduser()
             if not (store.is_done("pack") and is_neuqi_output(out)):
                 progress.update(task, description="pack")
@@ -206,54 +219,47 @@ class Job:
     def _solved(self, i: int) -> bool:
         return all(self.store.is_done(f"solve/{i}/{lin}") for lin in self.ckpt.arch.linears)
 
-    def _solve_layer(self, i: int, layer: torch.nn.Module, progress: Progress, task: Any,
-                     step: Any) -> dict[str, float]:
-        cfg, store, arch = self.config, self.store, self.ckpt.arch
-        n = self.ckpt.layer_count
-        losses: dict[str, float] = {}
-        for group, linears in arch.linear_groups:
-            h = hessian = None
-            for linear in linears:
-                key = f"solve/{i}/{linear}"
-                if not store.is_done(key):
-                    progress.update(task, description=f"layer {i + 1}/{n} {linear}")
-                    if h is None:
-                        h = store.read_array(h_name(i, group), device=self.device)
-                    weight = layer.get_submodule(linear).weight
-                    weight_name = f"{arch.layer_prefix(i)}{linear}.weight"
-                    if cfg.gptq:
-                        if hessian is None:
-                            hessian = read_hessian(store, hessian_name(i, group), self.device)
-                        arrays, info = run_gptq_solve(
-                            store, i, linear, weight, h, hessian, bits=cfg.bits,
-                            group_size=cfg.group_size, method=cfg.method,
-                            act_order=cfg.act_order, block_size=cfg.gptq_block_size,
-                            device=self.device, weight_name=weight_name,
-                        )
-                    else:
-                        arrays, loss = run_solve(
-                            store, i, linear, weight, h, bits=cfg.bits,
-                            group_size=cfg.group_size, method=cfg.method, device=self.device,
-                            weight_name=weight_name,
-                        )
-                        info = {"loss": loss}
-                    self.mark(key, arrays, info)
-                    step(f"layer {i + 1}/{n} {linear}")
-                info = store.record(key)["info"]
-                losses[linear] = info.get("output_error", info["loss"])
-            del hessian
-        return losses
+    def _submit_batches(self, fn: Any, i: int, what: str, whole: bool = False) -> list[Any]:
+        """``fn`` over layer ``i``'s calibration batches, split in one run per worker (one run
+        in all if ``whole``)."""
+        total = self.store.array_shape(acts_name(i))[0]
+        parts = 1 if whole else self.executor.workers
+        runs = tasks.split(batch_starts(total, self.config.batch_size), parts)
+        return [self.submit(fn, i, starts, key=f"{what}/{i}/{starts[0]}") for starts in runs]
 
-    def _load_quantized_weights(self, i: int, layer: torch.nn.Module) -> None:
-        """Give the layer's linears their dequantized weights (sequential quantization)."""
-        for linear in self.ckpt.arch.linears:
-            codes, scale, zero = (
-                self.store.read_array(q_name(i, linear, part), device=self.device)
-                for part in Q_PARTS[:3]
+    def _submit_solves(self, i: int, started: float) -> Pending:
+        """A solve task for every linear of layer ``i`` (a done one just reads its record)."""
+        futures, fresh = {}, set()
+        for group, linears in self.ckpt.arch.linear_groups:
+            for linear in linears:
+                if not self.store.is_done(tasks.solve_key(i, linear)):
+                    fresh.add(linear)
+                futures[linear] = self.submit(tasks.solve_task, i, linear, group,
+                                              key=tasks.solve_key(i, linear))
+        return Pending(i, started, futures, fresh)
+
+    def _finish_solves(self, pending: list[Pending], progress: Progress, step: Any, *,
+                       wait: bool) -> None:
+        """Collect the solves of the layers in ``pending``, oldest first (all of them if ``wait``,
+        else only while the oldest layer's are done), and report each layer's losses."""
+        n = self.ckpt.layer_count
+        while pending and (wait or all(f.done() for f in pending[0].futures.values())):
+            layer = pending.pop(0)
+            i, losses = layer.index, {}
+            for linear, future in layer.futures.items():
+                losses[linear] = future.result()
+                if linear in layer.fresh:
+                    step(f"layer {i + 1}/{n} {linear}")
+            self.store.delete(hessians_name(i))  # GPTQ's: only this layer's solves need them
+            if not layer.fresh:
+                continue  # reported by the run that solved it
+            summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
+            what = "output error" if self.config.gptq else "weighted loss"
+            summary += raised_damping_note(self.store, i, self.ckpt.arch.linears)
+            progress.console.print(
+                f"layer {i + 1}/{n}: {what} {summary} "
+                f"({time.perf_counter() - layer.started:.1f} s)"
             )
-            module = layer.get_submodule(linear)
-            deq = dequantize(codes, scale, zero, self.config.group_size, module.weight.dtype)
-            module.weight.data = deq
 
 
 def status(job: str | Path) -> dict[str, Any]:

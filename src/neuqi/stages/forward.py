@@ -2,6 +2,9 @@
 
 With sequential quantization the layer's linears carry their dequantized weights first, so the
 next layer is calibrated on what the quantized model computes (as GPTQ does).
+
+The output array has one chunk per calibration window, so batches of rows can be written by
+different workers (:func:`forward_rows`) once :func:`create_next_acts` made the array.
 """
 
 from __future__ import annotations
@@ -11,18 +14,37 @@ from torch import nn
 
 from neuqi.models import layer_forward, position_embeddings_for
 from neuqi.pipeline.store import JobStore
-from neuqi.stages.common import acts_name, batches
+from neuqi.stages.common import acts_name
+
+
+def create_next_acts(store: JobStore, layer_index: int, dtype: torch.dtype) -> str:
+    """The empty output array ``acts/<layer_index + 1>``, shaped like this layer's inputs."""
+    dst = acts_name(layer_index + 1)
+    store.create_array(dst, store.array_shape(acts_name(layer_index)), dtype, chunks=1)
+    return dst
+
+
+def forward_rows(
+    store: JobStore, layer_index: int, layer: nn.Module, rotary: nn.Module, dtype: torch.dtype,
+    batch_size: int, device: torch.device, starts: list[int],
+) -> None:
+    """Run the batches that begin at ``starts`` and write their rows of the next layer's inputs."""
+    src, dst = acts_name(layer_index), acts_name(layer_index + 1)
+    total = store.array_shape(src)[0]
+    with torch.no_grad():
+        for start in starts:
+            rows = slice(start, min(start + batch_size, total))
+            hidden = store.read_array(src, device=device, rows=rows)
+            out = layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
+            store.write_rows(dst, start, out.to(dtype).cpu())
 
 
 def run_forward(
     store: JobStore, layer_index: int, layer: nn.Module, rotary: nn.Module, dtype: torch.dtype,
     batch_size: int, device: torch.device,
 ) -> list[str]:
-    src, dst = acts_name(layer_index), acts_name(layer_index + 1)
-    shape = store.array_shape(src)
-    store.create_array(dst, shape, dtype, chunks=1)
-    with torch.no_grad():
-        for start, hidden in batches(store, src, batch_size, device):
-            out = layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
-            store.write_rows(dst, start, out.to(dtype).cpu())
+    """The whole stage in this process."""
+    dst = create_next_acts(store, layer_index, dtype)
+    starts = list(range(0, store.array_shape(dst)[0], batch_size))
+    forward_rows(store, layer_index, layer, rotary, dtype, batch_size, device, starts)
     return [dst]

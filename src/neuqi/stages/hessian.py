@@ -3,8 +3,14 @@
 For every distinct input of the layer (q/k/v share one, gate/up share one, o and down have their
 own) it accumulates ``sum x_j²`` over all calibration tokens by running the full-precision layer
 over the layer's stored inputs, then ``h_j = mean x_j² + 1% of the mean of the diagonal`` (the
-damping of the design note). Accumulation is in float64, in a fixed order, so it is reproducible.
-With ``full`` (GPTQ) it also stores each input's full Hessian ``XᵀX / tokens`` (`neuqi.stages.gptq`).
+damping of the design note). With GPTQ (``--gptq``) the same pass also accumulates each input's
+full Hessian ``XᵀX / tokens`` (`neuqi.stages.gptq`); that job's Hessian runs as one task, so the
+float32 sum has one order whatever the executor.
+
+The work splits over calibration batches: :func:`batch_sums` gives one float64 partial sum per
+batch (for any contiguous range of rows, so the batches can run on different workers) and
+:func:`write_hessian` adds them in batch order. The batches and the order of the additions do not
+depend on how the rows were split, so the result is bitwise the same however it was distributed.
 """
 
 from __future__ import annotations
@@ -14,48 +20,80 @@ from torch import nn
 
 from neuqi.models import ArchSpec, layer_forward, position_embeddings_for
 from neuqi.pipeline.store import JobStore
-from neuqi.stages.common import acts_name, batches, h_name
-from neuqi.stages.gptq import accumulate_hessian, hessian_name, write_hessian
+from neuqi.stages.common import acts_name, h_name
+from neuqi.stages.gptq import accumulate_hessian
 
 DAMPING = 0.01  # fraction of the mean diagonal added to every h_j (design note, section 2)
 
+#: Per batch, per input group: (``sum x_j²`` over the batch's tokens in float64, token count).
+BatchSums = dict[str, tuple[torch.Tensor, int]]
 
-def run_hessian(
+
+def batch_starts(total: int, batch_size: int) -> list[int]:
+    """First row of every calibration batch: the unit of work that results never depend on."""
+    return list(range(0, total, batch_size))
+
+
+def batch_sums(
     store: JobStore, layer_index: int, layer: nn.Module, arch: ArchSpec, rotary: nn.Module,
-    batch_size: int, device: torch.device, full: bool = False,
-) -> list[str]:
-    sums: dict[str, torch.Tensor] = {}
-    full_sums: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+    batch_size: int, device: torch.device, starts: list[int],
+    full: dict[str, torch.Tensor] | None = None,
+) -> list[BatchSums]:
+    """Partial sums of the batches that begin at ``starts`` (from :func:`batch_starts`), each on
+    the CPU, in the order given. With ``full`` (GPTQ), ``XᵀX`` of every input group is also added
+    into ``full[group]`` (float32, on ``device``, in batch order)."""
+    total = store.array_shape(acts_name(layer_index))[0]
+    current: BatchSums = {}
     hooks = []
     for group, linears in arch.linear_groups:
         module = layer.get_submodule(linears[0])
 
         def hook(_module: nn.Module, args: tuple, group: str = group) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sq = (x * x).sum(0)
-            sums[group] = sq if group not in sums else sums[group] + sq
-            tokens[group] = tokens.get(group, 0) + x.shape[0]
-            if full:
-                full_sums[group] = accumulate_hessian(full_sums.get(group), args[0])
+            current[group] = ((x * x).sum(0).cpu(), x.shape[0])
+            if full is not None:
+                full[group] = accumulate_hessian(full.get(group), args[0])
 
         hooks.append(module.register_forward_pre_hook(hook))
+    out = []
     try:
         with torch.no_grad():
-            for _, hidden in batches(store, acts_name(layer_index), batch_size, device):
+            for start in starts:
+                rows = slice(start, min(start + batch_size, total))
+                hidden = store.read_array(acts_name(layer_index), device=device, rows=rows)
                 layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
+                out.append(dict(current))
+                current.clear()
     finally:
         for handle in hooks:
             handle.remove()
+    return out
+
+
+def write_hessian(
+    store: JobStore, layer_index: int, arch: ArchSpec, sums: list[BatchSums]
+) -> list[str]:
+    """Add the per-batch sums in batch order, damp, and store one ``h`` per input group."""
     names = []
     for group, _ in arch.linear_groups:
-        h = sums[group] / tokens[group]
+        total = sums[0][group][0]
+        tokens = sums[0][group][1]
+        for part in sums[1:]:
+            total = total + part[group][0]
+            tokens += part[group][1]
+        h = total / tokens
         h = h + DAMPING * h.mean()
         name = h_name(layer_index, group)
         store.write_array(name, h.to(torch.float32).cpu())
         names.append(name)
-        if full:
-            name = hessian_name(layer_index, group)
-            write_hessian(store, name, full_sums.pop(group).div_(tokens[group]))
-            names.append(name)
     return names
+
+
+def run_hessian(
+    store: JobStore, layer_index: int, layer: nn.Module, arch: ArchSpec, rotary: nn.Module,
+    batch_size: int, device: torch.device,
+) -> list[str]:
+    """The whole stage in this process: every batch, then the reduction."""
+    starts = batch_starts(store.array_shape(acts_name(layer_index))[0], batch_size)
+    sums = batch_sums(store, layer_index, layer, arch, rotary, batch_size, device, starts)
+    return write_hessian(store, layer_index, arch, sums)

@@ -1,0 +1,164 @@
+"""The units of work an executor runs: thin wrappers that call the stages.
+
+Every task takes picklable arguments (the job store, the checkpoint, the job's options, layer
+index, ...), builds what it computes with itself (the decoder layer, on its own device), and is
+idempotent: a task whose completion record exists returns at once, and a task that a dead worker
+left half-done is simply run again (its arrays are rewritten before its record is written). The
+same functions run in this process with the in-process executor, so a distributed run computes
+exactly what a local one does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuqi.checkpoint import Checkpoint
+from neuqi.models import build_layer, build_rotary
+from neuqi.pipeline.config import QuantizeConfig
+from neuqi.pipeline.store import JobStore
+from neuqi.solver import dequantize
+from neuqi.stages.common import Q_PARTS, h_name, q_name
+from neuqi.stages.embed import run_embed
+from neuqi.stages.forward import forward_rows
+from neuqi.stages.gptq import hessian_name, read_hessian, run_gptq_solve
+from neuqi.stages.gptq import write_hessian as write_full_hessian
+from neuqi.stages.hessian import BatchSums, batch_sums
+from neuqi.stages.solve import run_solve
+
+# Fault injection for the crash tests: SIGKILL this process after that many completion records.
+KILL_AFTER_ENV = "NEUQI_FAULT_KILL_AFTER_RECORDS"
+# With this also set (a file path), only the first process to create that file is killed, and it
+# dies with its task half-done (data written, record not): for killing one dask worker mid-run.
+KILL_ONCE_ENV = "NEUQI_FAULT_KILL_ONCE_FILE"
+_records_written = 0
+
+
+def mark(store: JobStore, key: str, arrays: list[str], info: dict[str, Any] | None = None) -> None:
+    """Write completion record ``key`` (after its ``arrays`` are durable)."""
+    global _records_written
+    _records_written += 1
+    after = os.environ.get(KILL_AFTER_ENV)
+    kill = after is not None and _records_written >= int(after)
+    once = os.environ.get(KILL_ONCE_ENV)
+    if kill and once and _claim(once):
+        os.kill(os.getpid(), signal.SIGKILL)
+    store.mark_done(key, info, arrays)
+    if kill and not once:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _claim(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def embed_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, windows: torch.Tensor, device: str,
+) -> None:
+    if not store.is_done("embed"):
+        arrays = run_embed(store, ckpt, windows, config.torch_dtype, config.batch_size,
+                           torch.device(device))
+        mark(store, "embed", arrays)
+
+
+def hessian_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
+    starts: list[int], device: str,
+) -> list[BatchSums]:
+    """Per-batch partial Hessian sums of the batches beginning at ``starts`` (CPU, float64). A
+    GPTQ job's task covers every batch and also stores the full Hessians."""
+    dev = torch.device(device)
+    layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+    rotary = build_rotary(ckpt.config, dev)
+    full: dict[str, torch.Tensor] | None = {} if config.gptq else None
+    sums = batch_sums(store, layer_index, layer, ckpt.arch, rotary, config.batch_size, dev,
+                      starts, full)
+    if full is not None:  # the runner gives a GPTQ job's Hessian all batches in one task
+        for group, hessian in full.items():
+            tokens = sum(part[group][1] for part in sums)
+            write_full_hessian(store, hessian_name(layer_index, group), hessian.div_(tokens))
+    return sums
+
+
+def solve_key(layer_index: int, linear: str) -> str:
+    return f"solve/{layer_index}/{linear}"
+
+
+def solve_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, linear: str,
+    group: str, device: str,
+) -> float:
+    """Solve one linear from its weight and its input group's Hessian; return its loss (with
+    GPTQ: its output error, what GPTQ minimises)."""
+    key = solve_key(layer_index, linear)
+    if not store.is_done(key):
+        dev = torch.device(device)
+        name = f"{ckpt.arch.layer_prefix(layer_index)}{linear}.weight"
+        weight = ckpt.read(name, device=dev, dtype=config.torch_dtype)
+        h = store.read_array(h_name(layer_index, group), device=dev)
+        if config.gptq:
+            hessian = read_hessian(store, hessian_name(layer_index, group), dev)
+            arrays, info = run_gptq_solve(
+                store, layer_index, linear, weight, h, hessian, bits=config.bits,
+                group_size=config.group_size, method=config.method, act_order=config.act_order,
+                block_size=config.gptq_block_size, device=dev, weight_name=name,
+            )
+        else:
+            arrays, loss = run_solve(
+                store, layer_index, linear, weight, h, bits=config.bits,
+                group_size=config.group_size, method=config.method, device=dev, weight_name=name,
+            )
+            info = {"loss": loss}
+        mark(store, key, arrays, info)
+    record = store.record(key)
+    assert record is not None
+    return float(record["info"].get("output_error", record["info"]["loss"]))
+
+
+def forward_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
+    starts: list[int], device: str,
+) -> None:
+    """Rows of the next layer's inputs for the batches beginning at ``starts``; with sequential
+    quantization through the layer's dequantized weights (its solves must be done)."""
+    dev = torch.device(device)
+    layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+    if config.sequential:
+        load_quantized_weights(store, ckpt, config, layer_index, layer, dev)
+    rotary = build_rotary(ckpt.config, dev)
+    forward_rows(store, layer_index, layer, rotary, config.torch_dtype, config.batch_size, dev,
+                 starts)
+
+
+def load_quantized_weights(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
+    layer: nn.Module, device: torch.device,
+) -> None:
+    """Give the layer's linears their dequantized weights (sequential quantization)."""
+    for linear in ckpt.arch.linears:
+        codes, scale, zero = (
+            store.read_array(q_name(layer_index, linear, part), device=device)
+            for part in Q_PARTS[:3]
+        )
+        module = layer.get_submodule(linear)
+        module.weight.data = dequantize(codes, scale, zero, config.group_size, module.weight.dtype)
+
+
+def split(starts: list[int], parts: int) -> list[list[int]]:
+    """``starts`` in at most ``parts`` contiguous runs of nearly equal length, in order."""
+    parts = max(1, min(parts, len(starts)))
+    size, extra = divmod(len(starts), parts)
+    out, at = [], 0
+    for p in range(parts):
+        n = size + (p < extra)
+        out.append(starts[at:at + n])
+        at += n
+    return out
