@@ -70,6 +70,14 @@ def quantize(
              "full-precision ones.")] = True,
     dtype: Annotated[DType, typer.Option(help="Compute and activation dtype.")] = DType.float32,
     batch_size: Annotated[int, typer.Option(help="Calibration windows per forward batch.")] = 8,
+    distill_steps: Annotated[int, typer.Option(
+        help="Block-wise distillation: training steps (one calibration window each) of every "
+             "layer's scales and zero-points against the full-precision layer; 0 = off.")] = 0,
+    distill_lr: Annotated[float, typer.Option(help="AdamW learning rate of --distill-steps.")] = (
+        3e-4),
+    distill_norms: Annotated[bool, typer.Option(
+        "--distill-norms/--no-distill-norms",
+        help="With --distill-steps, also train the RMSNorm weights.")] = False,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     from neuqi.pipeline.config import QuantizeConfig
@@ -83,6 +91,7 @@ def quantize(
         calib=str(calib.expanduser().resolve()) if calib else None, nsamples=nsamples,
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
+        distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
     )
     result = run(config, job, device.value, err)
     typer.echo(str(result))

@@ -32,6 +32,9 @@ class QuantizeConfig:
     sequential: bool = True
     dtype: str = "float32"  # compute and activation dtype
     batch_size: int = 8  # calibration windows per forward batch
+    distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
+    distill_lr: float = 3e-4
+    distill_norms: bool = False  # also train the RMSNorm weights
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -43,6 +46,10 @@ class QuantizeConfig:
             raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.distill_steps < 0:
+            raise UserError(f"--distill-steps {self.distill_steps}: use 0 (off) or more")
+        if not self.distill_lr > 0:
+            raise UserError(f"--distill-lr {self.distill_lr}: give a positive learning rate")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -34,7 +34,8 @@ from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
 from neuqi.pipeline.store import JobStore
 from neuqi.solver import check_group_size, dequantize
-from neuqi.stages.common import Q_PARTS, acts_name, h_name, q_name
+from neuqi.stages.common import acts_name, distilled_norms, fp_acts_name, h_name, quant_params
+from neuqi.stages.distill import load_distilled_norms, run_distill, run_forward_fp
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import run_forward
 from neuqi.stages.hessian import run_hessian
@@ -113,6 +114,8 @@ class Job:
         """(done, total) units of work: embed, per layer hessian + solves + forward, pack."""
         n, linears = self.ckpt.layer_count, self.ckpt.arch.linears
         total = 1 + n * (1 + len(linears)) + (n - 1) + 1
+        if self.config.distill_steps:
+            total += 2 * n  # forward_fp and distill per layer
         done = len(self.store.records())
         return min(done, total), total
 
@@ -142,8 +145,10 @@ class Job:
             rotary = build_rotary(ckpt.config, self.device)
             for i in range(n):
                 last = i == n - 1
-                if store.is_done(f"forward/{i}") or (last and self._solved(i)):
+                if store.is_done(f"forward/{i}") or (last and self._solved(i) and (
+                        not cfg.distill_steps or store.is_done(f"distill/{i}"))):
                     store.delete(acts_name(i))
+                    store.delete(fp_acts_name(i))
                     continue
                 started = time.perf_counter()
                 layer = build_layer(ckpt, i, self.device, dtype)
@@ -154,6 +159,8 @@ class Job:
                     self.mark(f"hessian/{i}", arrays)
                     step(f"layer {i + 1}/{n} hessian")
                 losses = self._solve_layer(i, layer, progress, task, step)
+                if cfg.distill_steps:
+                    self._distill_layer(i, layer, rotary, progress, task, step)
                 if not last:
                     progress.update(task, description=f"layer {i + 1}/{n} forward")
                     if cfg.sequential:
@@ -163,6 +170,7 @@ class Job:
                     self.mark(f"forward/{i}", arrays)
                     step(f"layer {i + 1}/{n} forward")
                 store.delete(acts_name(i))
+                store.delete(fp_acts_name(i))
                 summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
                 progress.console.print(
                     f"layer {i + 1}/{n}: weighted loss {summary} "
@@ -180,6 +188,9 @@ class Job:
                     },
                     "sequential": cfg.sequential,
                 }
+                if cfg.distill_steps:
+                    info["distill"] = {"mode": "block-wise", "steps": cfg.distill_steps,
+                                       "lr": cfg.distill_lr, "norms": cfg.distill_norms}
                 run_pack(store, ckpt, out, info)
                 if not store.is_done("pack"):
                     self.mark("pack", [], {"out": str(out)})
@@ -215,16 +226,40 @@ class Job:
                 losses[linear] = store.record(key)["info"]["loss"]
         return losses
 
-    def _load_quantized_weights(self, i: int, layer: torch.nn.Module) -> None:
-        """Give the layer's linears their dequantized weights (sequential quantization)."""
-        for linear in self.ckpt.arch.linears:
-            codes, scale, zero = (
-                self.store.read_array(q_name(i, linear, part), device=self.device)
-                for part in Q_PARTS[:3]
+    def _distill_layer(self, i: int, layer: torch.nn.Module, rotary: torch.nn.Module,
+                       progress: Progress, task: Any, step: Any) -> None:
+        """Stages forward_fp/i (the full-precision stream) and distill/i; ``layer`` is still
+        full precision here."""
+        cfg, store, n = self.config, self.store, self.ckpt.layer_count
+        if not store.is_done(f"forward_fp/{i}"):
+            arrays = run_forward_fp(store, i, layer, rotary, cfg.torch_dtype, cfg.batch_size,
+                                    self.device)
+            self.mark(f"forward_fp/{i}", arrays)
+            step(f"layer {i + 1}/{n} forward fp")
+        if not store.is_done(f"distill/{i}"):
+            progress.update(task, description=f"layer {i + 1}/{n} distill")
+            arrays, info = run_distill(
+                store, i, layer, self.ckpt.arch, rotary, group_size=cfg.group_size,
+                steps=cfg.distill_steps, lr=cfg.distill_lr, norms=cfg.distill_norms,
+                seed=cfg.seed, device=self.device,
             )
+            self.mark(f"distill/{i}", arrays, info)
+            step(f"layer {i + 1}/{n} distill")
+        info = store.record(f"distill/{i}")["info"]
+        progress.console.print(
+            f"layer {i + 1}/{n}: distilled, mse {info['mse_before']:.4g} -> "
+            f"{info['mse_after']:.4g}"
+        )
+
+    def _load_quantized_weights(self, i: int, layer: torch.nn.Module) -> None:
+        """Give the layer's linears their dequantized weights (sequential quantization), and its
+        norms their distilled weights when it was distilled with them."""
+        for linear in self.ckpt.arch.linears:
+            codes, scale, zero = quant_params(self.store, i, linear, self.device)
             module = layer.get_submodule(linear)
             deq = dequantize(codes, scale, zero, self.config.group_size, module.weight.dtype)
             module.weight.data = deq
+        load_distilled_norms(self.store, layer, distilled_norms(self.store, i))
 
 
 def status(job: str | Path) -> dict[str, Any]:
@@ -243,6 +278,8 @@ def status(job: str | Path) -> dict[str, Any]:
         "hessian": (sum(k.startswith("hessian/") for k in records), n),
         "solve": (sum(k.startswith("solve/") for k in records), n * linears),
         "forward": (sum(k.startswith("forward/") for k in records), n - 1),
+        **({"distill": (sum(k.startswith("distill/") for k in records), n)}
+           if config.distill_steps else {}),
         "pack": (sum(k == "pack" for k in records), 1),
     }
     done = sum(d for d, _ in stages.values())
