@@ -184,26 +184,44 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
-        """Parameters and AdamW moments as named CPU tensors (``param/<name>``,
-        ``exp_avg/<name>``, ``exp_avg_sq/<name>``); the step is :attr:`step`."""
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.params.items():
-            out[f"param/{name}"] = p.detach().cpu().clone()
-            st = self.optimizer.state.get(p)
-            if st:
-                out[f"exp_avg/{name}"] = st["exp_avg"].detach().cpu().clone()
-                out[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().clone()
-        return out
+        """Parameters and AdamW moments as three flat float32 CPU vectors (``param``,
+        ``exp_avg``, ``exp_avg_sq``; the parameters concatenated in :attr:`params` order; moments
+        of a parameter AdamW has not touched yet are zeros); the step is :attr:`step`."""
+
+        def flat(get: Callable[[nn.Parameter], torch.Tensor | None]) -> torch.Tensor:
+            parts = []
+            for p in self.params.values():
+                t = get(p)
+                parts.append((torch.zeros_like(p) if t is None else t).detach().reshape(-1)
+                             .to("cpu", torch.float32))
+            return torch.cat(parts)
+
+        def moment(key: str) -> Callable[[nn.Parameter], torch.Tensor | None]:
+            return lambda p: self.optimizer.state.get(p, {}).get(key)
+
+        return {"param": flat(lambda p: p), "exp_avg": flat(moment("exp_avg")),
+                "exp_avg_sq": flat(moment("exp_avg_sq"))}
 
     def load_state(self, tensors: dict[str, torch.Tensor], step: int) -> None:
         """Restore a :meth:`state` saved after ``step`` steps."""
+        total = sum(p.numel() for p in self.params.values())
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            if tensors[key].numel() != total:
+                raise ValueError(f"saved {key} has {tensors[key].numel()} values, expected {total}")
+        offset = 0
         with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(tensors[f"param/{name}"].to(p.device))
+            for p in self.params.values():
+                rows = slice(offset, offset + p.numel())
+                offset += p.numel()
+
+                def part(key: str, p: nn.Parameter = p, rows: slice = rows) -> torch.Tensor:
+                    return tensors[key][rows].reshape(p.shape).to(p.device, p.dtype).clone()
+
+                p.copy_(part("param"))
                 if step > 0:
                     self.optimizer.state[p] = {
                         "step": torch.tensor(float(step), dtype=torch.float32),
-                        "exp_avg": tensors[f"exp_avg/{name}"].to(p.device).clone(),
-                        "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device).clone(),
+                        "exp_avg": part("exp_avg"),
+                        "exp_avg_sq": part("exp_avg_sq"),
                     }
         self.step = step

@@ -177,6 +177,7 @@ class Job:
                     f"({time.perf_counter() - started:.1f} s)"
                 )
                 del layer
+            store.delete(fp_acts_name(n))  # the last layer's distillation target
             out = Path(cfg.out).expanduser()
             if not (store.is_done("pack") and is_neuqi_output(out)):
                 progress.update(task, description="pack")
