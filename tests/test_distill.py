@@ -232,3 +232,14 @@ def test_e2e_refuses_a_folder_that_is_not_an_output(tiny_llama: Path, tmp_path: 
               str(tmp_path / "d"), *E2E)
     assert r.returncode == 2
     assert "not a neuqi output" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_manifest_names_distillation_only_when_it_is_on():
+    from neuqi.pipeline.config import QuantizeConfig
+
+    plain = QuantizeConfig(model="m", out="o")
+    assert not any(k.startswith("distill") for k in plain.manifest("f", "c")["options"])
+    assert QuantizeConfig.from_manifest(plain.manifest("f", "c")) == plain
+    on = QuantizeConfig(model="m", out="o", distill_steps=5, distill_norms=True)
+    assert on.manifest("f", "c")["options"]["distill_steps"] == 5
+    assert QuantizeConfig.from_manifest(on.manifest("f", "c")) == on

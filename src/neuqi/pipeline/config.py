@@ -57,6 +57,9 @@ class QuantizeConfig:
 
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
+        if not self.distill_steps:  # job stores made before distillation existed still match
+            for key in ("distill_steps", "distill_lr", "distill_norms"):
+                options.pop(key)
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,
