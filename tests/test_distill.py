@@ -243,3 +243,9 @@ def test_manifest_names_distillation_only_when_it_is_on():
     on = QuantizeConfig(model="m", out="o", distill_steps=5, distill_norms=True)
     assert on.manifest("f", "c")["options"]["distill_steps"] == 5
     assert QuantizeConfig.from_manifest(on.manifest("f", "c")) == on
+
+
+def test_resume_of_a_distill_job_store_says_what_to_do(e2e: Path):
+    r = neuqi("resume", str(e2e.with_name("e2e.job")), "--device", "cpu")
+    assert r.returncode == 2
+    assert "neuqi distill" in r.stderr and "Traceback" not in r.stderr

@@ -85,6 +85,9 @@ def quantize(
 def resume(job: str | Path, device: str = "auto", console: Console | None = None) -> Path:
     """Continue the job in store ``job`` with the options it was made with."""
     store = JobStore.open_existing(job)
+    if "neuqi_distill" in store.manifest:
+        raise UserError(f"{job}: is the job store of `neuqi distill`; run that distill command "
+                        f"again to resume it")
     return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console)
 
 
