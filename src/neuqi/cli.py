@@ -85,6 +85,14 @@ def quantize(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
              "joins a running cluster (workers must see the job store and the model under the "
              "same paths). Default: in this process. The result is the same.")] = None,
+    distill_steps: Annotated[int, typer.Option(
+        help="Block-wise distillation: training steps (one calibration window each) of every "
+             "layer's scales and zero-points against the full-precision layer; 0 = off.")] = 0,
+    distill_lr: Annotated[float, typer.Option(help="AdamW learning rate of --distill-steps.")] = (
+        3e-4),
+    distill_norms: Annotated[bool, typer.Option(
+        "--distill-norms/--no-distill-norms",
+        help="With --distill-steps, also train the RMSNorm weights.")] = False,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     from neuqi.pipeline.config import QuantizeConfig
@@ -99,6 +107,7 @@ def quantize(
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
+        distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
     )
     result = run(config, job, device.value, err, scheduler)
     typer.echo(str(result))
@@ -181,10 +190,45 @@ def export(ctx: typer.Context) -> None:
     _planned("export", 9)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def distill(ctx: typer.Context) -> None:
-    """Distil the scales and zero-points of a quantized output (not yet available)."""
-    _planned("distill", 8)
+@app.command()
+def distill(
+    output: Annotated[Path, typer.Argument(help="A quantized neuqi output folder.")],
+    teacher: Annotated[str, typer.Option(
+        help="The full-precision model OUTPUT was quantized from (folder, hub id or 'smollm2').")],
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for the distilled output (default: <OUTPUT>-distilled).")] = None,
+    job: Annotated[Path | None, typer.Option(
+        help="Job store folder (teacher states, training state; default: <out>.job). Reusing "
+             "it resumes from the last saved step.")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps (one calibration window each).")] = (
+        256),
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 3e-4,
+    norms: Annotated[bool, typer.Option(
+        "--norms/--no-norms", help="Also train the RMSNorm weights.")] = False,
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text: a file or a folder of .txt files (default: the shipped text).")
+    ] = None,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 256,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the windows and of their order.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Save the training state every N steps.")] = 50,
+    batch_size: Annotated[int, typer.Option(
+        help="Windows per forward batch of the teacher pass.")] = 8,
+    device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
+) -> None:
+    """End-to-end distillation of OUTPUT's scales and zero-points (codes frozen) against the
+    teacher's final hidden states. Run the same command again to resume."""
+    from neuqi.distill_e2e import distill_output
+
+    if Path(teacher).expanduser().exists():
+        teacher = str(Path(teacher).expanduser().resolve())
+    result = distill_output(
+        output, teacher, out.expanduser().resolve() if out else None, job, steps=steps, lr=lr,
+        norms=norms, calib=calib.expanduser().resolve() if calib else None, nsamples=nsamples,
+        seqlen=seqlen, seed=seed, save_every=save_every, batch_size=batch_size,
+        device=device.value, console=err,
+    )
+    typer.echo(str(result))
 
 
 def _return_freed_memory_to_the_os() -> None:

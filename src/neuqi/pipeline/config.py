@@ -36,6 +36,9 @@ class QuantizeConfig:
     gptq: bool = False  # GPTQ error compensation after the (s, z) of `method` (neuqi.gptq)
     act_order: bool = True  # GPTQ: columns by decreasing H_jj
     gptq_block_size: int = BLOCK_SIZE  # GPTQ: columns per lazy batch update
+    distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
+    distill_lr: float = 3e-4
+    distill_norms: bool = False  # also train the RMSNorm weights
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -53,6 +56,10 @@ class QuantizeConfig:
             raise UserError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.gptq_block_size < 1:
             raise UserError(f"--gptq-block-size {self.gptq_block_size}: use 1 or more")
+        if self.distill_steps < 0:
+            raise UserError(f"--distill-steps {self.distill_steps}: use 0 (off) or more")
+        if not self.distill_lr > 0:
+            raise UserError(f"--distill-lr {self.distill_lr}: give a positive learning rate")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -60,6 +67,9 @@ class QuantizeConfig:
 
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
+        if not self.distill_steps:  # job stores made before distillation existed still match
+            for key in ("distill_steps", "distill_lr", "distill_norms"):
+                options.pop(key)
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,

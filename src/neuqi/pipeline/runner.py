@@ -42,7 +42,7 @@ from neuqi.pipeline.executor import (
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
 from neuqi.solver import check_group_size
-from neuqi.stages.common import acts_name
+from neuqi.stages.common import acts_name, fp_acts_name
 from neuqi.stages.forward import create_next_acts
 from neuqi.stages.gptq import hessian_name, hessians_name, raised_damping_note
 from neuqi.stages.hessian import batch_starts, write_hessian
@@ -89,6 +89,9 @@ def resume(
 ) -> Path:
     """Continue the job in store ``job`` with the options it was made with."""
     store = JobStore.open_existing(job)
+    if "neuqi_distill" in store.manifest:
+        raise UserError(f"{job}: is the job store of `neuqi distill`; run that distill command "
+                        f"again to resume it")
     return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console, scheduler)
 
 
@@ -131,6 +134,8 @@ class Job:
         """(done, total) units of work: embed, per layer hessian + solves + forward, pack."""
         n, linears = self.ckpt.layer_count, self.ckpt.arch.linears
         total = 1 + n * (1 + len(linears)) + (n - 1) + 1
+        if self.config.distill_steps:
+            total += 2 * n  # forward_fp and distill per layer
         done = len(self.store.records())
         return min(done, total), total
 
@@ -165,10 +170,12 @@ class Job:
             for i in range(n):
                 last = i == n - 1
                 started = time.perf_counter()
-                if store.is_done(f"forward/{i}") or (last and self._solved(i)):
+                if store.is_done(f"forward/{i}") or (last and self._solved(i) and (
+                        not cfg.distill_steps or store.is_done(f"distill/{i}"))):
                     # its solves may be unfinished when they overlapped later layers
                     pending.append(self._submit_solves(i, started))
                     store.delete(acts_name(i))
+                    store.delete(fp_acts_name(i))
                     continue
                 if not store.is_done(f"hessian/{i}"):
                     progress.update(task, description=f"layer {i + 1}/{n} hessian")
@@ -182,9 +189,12 @@ class Job:
                     self.mark(f"hessian/{i}", arrays)
                     step(f"layer {i + 1}/{n} hessian")
                 pending.append(self._submit_solves(i, started))
-                if cfg.sequential and not last:  # the forward pass needs the quantized weights
+                if (cfg.sequential and not last) or cfg.distill_steps:
+                    # the forward pass needs the quantized weights, distillation the codes
                     for future in pending[-1].futures.values():
                         future.result()
+                if cfg.distill_steps:
+                    self._distill_layer(i, progress, task, step)
                 if not last:
                     progress.update(task, description=f"layer {i + 1}/{n} forward")
                     dst = create_next_acts(store, i, cfg.torch_dtype)
@@ -193,8 +203,10 @@ class Job:
                     self.mark(f"forward/{i}", [dst])
                     step(f"layer {i + 1}/{n} forward")
                 store.delete(acts_name(i))
+                store.delete(fp_acts_name(i))
                 self._finish_solves(pending, progress, step, wait=False)
             self._finish_solves(pending, progress, step, wait=True)
+            store.delete(fp_acts_name(n))  # the last layer's distillation target
             out = Path(cfg.out).expanduser()
             if not (store.is_done("pack") and is_neuqi_output(out)):
                 progress.update(task, description="pack")
@@ -206,6 +218,9 @@ class Job:
                     },
                     "sequential": cfg.sequential,
                 }
+                if cfg.distill_steps:
+                    info["distill"] = {"mode": "block-wise", "steps": cfg.distill_steps,
+                                       "lr": cfg.distill_lr, "norms": cfg.distill_norms}
                 if cfg.gptq:
                     info["gptq"] = {"act_order": cfg.act_order, "block_size": cfg.gptq_block_size}
                 run_pack(store, ckpt, out, info)
@@ -218,6 +233,24 @@ class Job:
 
     def _solved(self, i: int) -> bool:
         return all(self.store.is_done(f"solve/{i}/{lin}") for lin in self.ckpt.arch.linears)
+
+    def _distill_layer(self, i: int, progress: Progress, task: Any, step: Any) -> None:
+        """Stages forward_fp/i (the full-precision stream) and distill/i, after layer i's solves."""
+        store, n = self.store, self.ckpt.layer_count
+        if not store.is_done(f"forward_fp/{i}"):
+            progress.update(task, description=f"layer {i + 1}/{n} forward fp")
+            self.submit(tasks.forward_fp_task, i, key=f"forward_fp/{i}").result()
+            step(f"layer {i + 1}/{n} forward fp")
+        fresh = not store.is_done(f"distill/{i}")
+        if fresh:
+            progress.update(task, description=f"layer {i + 1}/{n} distill")
+        info = self.submit(tasks.distill_task, i, key=f"distill/{i}").result()
+        if fresh:
+            step(f"layer {i + 1}/{n} distill")
+        progress.console.print(
+            f"layer {i + 1}/{n}: distilled, mse {info['mse_before']:.4g} -> "
+            f"{info['mse_after']:.4g}"
+        )
 
     def _submit_batches(self, fn: Any, i: int, what: str, whole: bool = False) -> list[Any]:
         """``fn`` over layer ``i``'s calibration batches, split in one run per worker (one run
@@ -278,6 +311,8 @@ def status(job: str | Path) -> dict[str, Any]:
         "hessian": (sum(k.startswith("hessian/") for k in records), n),
         "solve": (sum(k.startswith("solve/") for k in records), n * linears),
         "forward": (sum(k.startswith("forward/") for k in records), n - 1),
+        **({"distill": (sum(k.startswith("distill/") for k in records), n)}
+           if config.distill_steps else {}),
         "pack": (sum(k == "pack" for k in records), 1),
     }
     done = sum(d for d, _ in stages.values())

@@ -22,7 +22,8 @@ from neuqi.models import build_layer, build_rotary
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.store import JobStore
 from neuqi.solver import dequantize
-from neuqi.stages.common import Q_PARTS, h_name, q_name
+from neuqi.stages.common import distilled_norms, h_name, quant_params
+from neuqi.stages.distill import load_distilled_norms, run_distill, run_forward_fp
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import forward_rows
 from neuqi.stages.gptq import hessian_name, read_hessian, run_gptq_solve
@@ -142,14 +143,48 @@ def load_quantized_weights(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
     layer: nn.Module, device: torch.device,
 ) -> None:
-    """Give the layer's linears their dequantized weights (sequential quantization)."""
+    """Give the layer's linears their dequantized weights (sequential quantization), and its
+    norms their distilled weights when it was distilled with them."""
     for linear in ckpt.arch.linears:
-        codes, scale, zero = (
-            store.read_array(q_name(layer_index, linear, part), device=device)
-            for part in Q_PARTS[:3]
-        )
+        codes, scale, zero = quant_params(store, layer_index, linear, device)
         module = layer.get_submodule(linear)
         module.weight.data = dequantize(codes, scale, zero, config.group_size, module.weight.dtype)
+    load_distilled_norms(store, layer, distilled_norms(store, layer_index))
+
+
+def forward_fp_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, device: str,
+) -> None:
+    """Block-wise distillation's full-precision stream: ``acts_fp/i+1`` from ``acts_fp/i``."""
+    key = f"forward_fp/{layer_index}"
+    if not store.is_done(key):
+        dev = torch.device(device)
+        layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+        rotary = build_rotary(ckpt.config, dev)
+        arrays = run_forward_fp(store, layer_index, layer, rotary, config.torch_dtype,
+                                config.batch_size, dev)
+        mark(store, key, arrays)
+
+
+def distill_task(
+    store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, device: str,
+) -> dict[str, Any]:
+    """Block-wise distillation of one layer (its solves and ``forward_fp`` must be done); returns
+    the record's info (MSE before and after)."""
+    key = f"distill/{layer_index}"
+    if not store.is_done(key):
+        dev = torch.device(device)
+        layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+        rotary = build_rotary(ckpt.config, dev)
+        arrays, info = run_distill(
+            store, layer_index, layer, ckpt.arch, rotary, group_size=config.group_size,
+            steps=config.distill_steps, lr=config.distill_lr, norms=config.distill_norms,
+            seed=config.seed, device=dev,
+        )
+        mark(store, key, arrays, info)
+    record = store.record(key)
+    assert record is not None
+    return dict(record["info"])
 
 
 def split(starts: list[int], parts: int) -> list[list[int]]:

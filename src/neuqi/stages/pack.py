@@ -14,7 +14,7 @@ from typing import Any
 from neuqi.checkpoint import Checkpoint
 from neuqi.output import OutputWriter
 from neuqi.pipeline.store import JobStore
-from neuqi.stages.common import q_name
+from neuqi.stages.common import distilled_norms, quant_params
 
 
 def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
@@ -41,15 +41,20 @@ def run_pack(
 ) -> Path:
     bits, group_size = quant_info["bits"], quant_info["group_size"]
     targets = quantized_weights(ckpt)
+    norms = {  # distilled RMSNorm weights by checkpoint name
+        f"{ckpt.arch.layer_prefix(i)}{param}": array
+        for i in range(ckpt.layer_count)
+        for param, array in distilled_norms(store, i).items()
+    }
     with OutputWriter(out, ckpt, quant_info, max_shard_bytes=shard_bytes(ckpt)) as writer:
         for name in ckpt.names:
             if name in targets:
                 layer, linear = targets[name]
-                codes, scale, zero = (
-                    store.read_array(q_name(layer, linear, part))
-                    for part in ("codes", "scale", "zero_point")
-                )
+                codes, scale, zero = quant_params(store, layer, linear)
                 writer.add_quantized(name, codes, scale, zero, bits, group_size)
+            elif name in norms:
+                original = ckpt.read(name)
+                writer.add_tensor(name, store.read_array(norms[name]).to(original.dtype))
             else:
                 writer.add_tensor(name, ckpt.read(name))
             if on_tensor is not None:
