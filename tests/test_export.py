@@ -157,3 +157,182 @@ def test_export_of_a_folder_that_is_not_an_output_is_a_user_error(tmp_path: Path
     r = neuqi("export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert r.returncode == 2
     assert "neuqi.json" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- GGUF
+def _read_gguf(path: Path) -> dict[str, object]:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def _gguf_weight(tensor) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+
+
+def _hf_rows(name: str, weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """A GGUF llama q/k weight back in transformers' row order."""
+    from neuqi.export.gguf import qk_permutation
+
+    n = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith(
+        "k_proj.weight") else None
+    if n is None:
+        return weight
+    out = torch.empty_like(weight)
+    out[qk_permutation(weight.shape[0], n)] = weight
+    return out
+
+
+GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(name: str) -> str:
+    _, _, layer, *rest = name.split(".")
+    return f"blk.{layer}.{GGUF_LINEAR['.'.join(rest[:-1])]}.weight"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K"])
+def test_block_layouts_read_back_with_the_gguf_package(qtype: str):
+    """Our packing of codes and block parameters is what gguf's dequantizer reads."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from neuqi.export.gguf import pack_kquant, pack_q4_1, pack_q5_1
+    from neuqi.export.kquants import KSPECS, KQuantized
+
+    g = torch.Generator().manual_seed(1)
+    rows = 3
+    if qtype in ("Q4_1", "Q5_1"):
+        bits = 4 if qtype == "Q4_1" else 5
+        codes = torch.randint(0, 2**bits, (rows * 8, 32), generator=g, dtype=torch.uint8)
+        d = (torch.rand(rows * 8, generator=g) * 0.1).half().float()
+        m = (torch.randn(rows * 8, generator=g) * 0.1).half().float()
+        blocks = (pack_q4_1 if bits == 4 else pack_q5_1)(codes, d, m).reshape(rows, -1)
+        expected = (d.unsqueeze(-1) * codes.float() + m.unsqueeze(-1)).reshape(rows, -1)
+    else:
+        spec = KSPECS[qtype]
+        nsub = 256 // spec.sub
+        top = 2**spec.scale_bits
+        k = KQuantized(
+            codes=torch.randint(0, 2**spec.bits, (rows, 512), generator=g, dtype=torch.uint8),
+            d=(torch.rand(rows, 2, generator=g) * 0.01).half().float(),
+            dmin=(torch.rand(rows, 2, generator=g) * 0.01).half().float(),
+            sc=torch.randint(0, top, (rows, 2, nsub), generator=g, dtype=torch.uint8),
+            mn=torch.randint(0, top, (rows, 2, nsub), generator=g, dtype=torch.uint8),
+            spec=spec,
+        )
+        blocks = pack_kquant(k).reshape(rows, -1)
+        expected = k.dequantize()
+    got = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[qtype]).copy())
+    assert torch.equal(got, expected)
+
+
+def test_gguf_q4_1_keeps_neuqi_codes_and_float_offsets(float_output: Path, tmp_path: Path):
+    out = tmp_path / "m.gguf"
+    r = neuqi("export", str(float_output), "--format", "gguf", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    assert "gguf-q4_1: weighted loss" in r.stderr
+    tensors = _read_gguf(out)
+    source = ExportSource(float_output)
+    for name in source.quantized_names:
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type.name == "Q4_1"
+        lin = source.linear(name)
+        # d = s and m = -s*z, each rounded to fp16; the codes are the output's own
+        d = lin.scale.half().float().repeat_interleave(32, 1)
+        m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
+        expected = d * lin.codes.float() + m
+        got = _hf_rows(name, _gguf_weight(t), 4, 2)
+        assert torch.equal(got, expected), name
+        torch.testing.assert_close(got, lin.dequantized(), rtol=0, atol=2e-3)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        gname = {"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+        assert tensors[gname].tensor_type.name == "F32"
+        assert torch.equal(torch.from_numpy(tensors[gname].data.copy()).reshape(
+            source.plain(name).shape), source.plain(name))
+
+
+def test_gguf_runs_in_transformers_with_the_native_logits(float_output: Path, tmp_path: Path):
+    """transformers' own GGUF reader (tokenizer, metadata, q/k permutation undone) gives the
+    logits of the native output, up to the fp16 block parameters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "m.gguf"
+    export(float_output, "gguf-q4_1", out)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        got = model(_ids()).logits
+    ours = _native_logits(float_output)
+    assert (got - ours).abs().max() < 0.05 * ours.abs().max()
+    text = "The quick brown fox jumps over the lazy dog."
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    mine = AutoTokenizer.from_pretrained(float_output)
+    assert theirs(text)["input_ids"][-8:] == mine(text)["input_ids"][-8:]
+
+
+@pytest.fixture(scope="module")
+def wide_output(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA with rows of 256 and 512 weights (K-quant super-blocks), 4 bits, group 32."""
+    model = tiny_model_factory("llama", hidden_size=256, intermediate_size=512,
+                               num_hidden_layers=1)
+    out = tmp_path_factory.mktemp("wide") / "out"
+    return _quantize(model, out, bits=4, group_size=32, method="neuqi")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K"])
+def test_gguf_k_quants_are_solved_under_their_constraint(
+    wide_output: Path, tmp_path: Path, qtype: str
+):
+    from neuqi.export.kquants import KSPECS, round_after, solve_kquant
+    from neuqi.solver import quantize_tensor
+
+    out = tmp_path / "k.gguf"
+    report = export(wide_output, f"gguf-{qtype.lower()}", out)
+    assert report.export_loss is not None
+    tensors = _read_gguf(out)
+    source = ExportSource(wide_output)
+    spec = KSPECS[qtype]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type.name == qtype
+        lin = source.linear(name)
+        got = _hf_rows(name, _gguf_weight(t), 4, 2)
+        solved = solve_kquant(lin.weight, lin.h_diag, spec)
+        assert torch.equal(got, solved.dequantize())
+        loss = weighted_loss(lin.weight, got, lin.h_diag)
+        # between NeUQI without the constraint and NeUQI rounded onto it afterwards
+        free = quantize_tensor(lin.weight, lin.h_diag, bits=spec.bits, group_size=spec.sub)
+        after = weighted_loss(lin.weight, round_after(lin.weight, lin.h_diag, spec).dequantize(),
+                              lin.h_diag)
+        assert float(free.loss.sum()) <= loss < after
+
+
+def test_gguf_k_quant_rows_off_the_super_block_fall_back_to_q4_1(
+    float_output: Path, tmp_path: Path
+):
+    notes: list[str] = []
+    export(float_output, "gguf-q4_k", tmp_path / "k.gguf", say=notes.append)
+    assert any("Q4_1" in n for n in notes)
+    tensors = _read_gguf(tmp_path / "k.gguf")
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
+
+
+def test_gguf_replaces_only_a_gguf_file(float_output: Path, tmp_path: Path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    r = neuqi("export", str(float_output), "--format", "gguf-q4_1", "--out", str(target))
+    assert r.returncode == 2 and "--out" in r.stderr
+    assert target.read_text() == "keep me"
+    out = tmp_path / "m.gguf"
+    export(float_output, "gguf-q4_1", out)
+    first = out.read_bytes()
+    export(float_output, "gguf-q4_1", out)  # an earlier export is replaced
+    assert out.read_bytes()[:4] == b"GGUF" and len(out.read_bytes()) == len(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.txt"]

@@ -109,7 +109,7 @@ def export(
                 measured = False
         for name in source.plain_names:
             exporter.add_plain(name, source.plain(name))
-        notes = list(exporter.notes)
+        notes = list(exporter.notes)  # before finalize: they go into the exported metadata
         if getattr(exporter, "rounded", None):
             notes.append(
                 f"warning: {len(exporter.rounded)} linear(s) have float zero-points, which "
