@@ -336,3 +336,26 @@ def test_gguf_replaces_only_a_gguf_file(float_output: Path, tmp_path: Path):
     export(float_output, "gguf-q4_1", out)  # an earlier export is replaced
     assert out.read_bytes()[:4] == b"GGUF" and len(out.read_bytes()) == len(first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.txt"]
+
+
+def test_quantize_with_format_gguf_exports_a_qwen2_that_transformers_runs(
+    tiny_qwen2: Path, tmp_path: Path
+):
+    """Qwen2: q/k/v biases, tied embeddings, no q/k permutation (NeoX rotary in llama.cpp)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    r = neuqi("quantize", str(tiny_qwen2), "--out", str(out), "--bits", "4", "--group-size",
+              "32", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--format", "gguf")
+    assert r.returncode == 0, r.stderr
+    exported = Path(r.stdout.strip())
+    assert exported == tmp_path / "q.gguf"
+    tensors = _read_gguf(exported)
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert tensors["blk.0.attn_q.bias"].tensor_type.name == "F32"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=exported.name,
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        got = model(_ids()).logits
+    ours = _native_logits(out)
+    assert (got - ours).abs().max() < 0.01 * ours.abs().max()

@@ -84,7 +84,8 @@ def quantize(
         help="Also export the result (see `neuqi export`); compressed-tensors solves with "
              "neuqi-int (integer zero-points).")] = None,
     export_out: Annotated[Path | None, typer.Option(
-        help="Where --format writes (default: <out>-compressed-tensors or <out>-<type>.gguf).")
+        help="Where --format writes (default: <out>-compressed-tensors, <out>.gguf or "
+             "<out>-<type>.gguf).")
     ] = None,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
@@ -105,8 +106,8 @@ def quantize(
     )
     result = run(config, job, device.value, err)
     if format is not None:
-        suffix = "-compressed-tensors" if format is ExportFormat.compressed_tensors else (
-            f"-{format.value.removeprefix('gguf').lstrip('-') or 'q'}.gguf")
+        suffix = {"compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}.get(
+            format.value, f"-{format.value.removeprefix('gguf-')}.gguf")
         _export(result, format, export_out or result.with_name(result.name + suffix), None,
                 "cpu" if device is Device.auto else device.value)
         return
