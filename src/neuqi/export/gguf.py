@@ -300,8 +300,10 @@ class GGUFExporter:
             raise UserError(f"{tj_file}: missing; the GGUF export needs the Hugging Face "
                             f"tokenizer.json (byte-level BPE) beside the output")
         tj = json.loads(tj_file.read_text(encoding="utf-8"))
-        if (tj.get("model") or {}).get("type") != "BPE":
-            raise UserError(f"{tj_file}: the GGUF export supports byte-level BPE tokenizers only")
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback"):
+            raise UserError(f"{tj_file}: the GGUF export supports byte-level BPE tokenizers only "
+                            f"(not SentencePiece-style ones)")
         tok = AutoTokenizer.from_pretrained(str(folder))
         vocab_size = int(self.config["vocab_size"])
         reverse = {i: t for t, i in tok.get_vocab().items()}
