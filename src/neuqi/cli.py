@@ -44,6 +44,16 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class ExportFormat(str, Enum):
+    compressed_tensors = "compressed-tensors"
+    gguf = "gguf"
+    gguf_q4_1 = "gguf-q4_1"
+    gguf_q5_1 = "gguf-q5_1"
+    gguf_q4_k = "gguf-q4_k"
+    gguf_q5_k = "gguf-q5_k"
+    gguf_q2_k = "gguf-q2_k"
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(
@@ -93,8 +103,18 @@ def quantize(
     distill_norms: Annotated[bool, typer.Option(
         "--distill-norms/--no-distill-norms",
         help="With --distill-steps, also train the RMSNorm weights.")] = False,
+    format: Annotated[ExportFormat | None, typer.Option(
+        help="Also export the result (see `neuqi export`); compressed-tensors solves with "
+             "neuqi-int (integer zero-points).")] = None,
+    export_out: Annotated[Path | None, typer.Option(
+        help="Where --format writes (default: <out>-compressed-tensors, <out>.gguf or "
+             "<out>-<type>.gguf).")
+    ] = None,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
+    if format is ExportFormat.compressed_tensors and method is Method.neuqi:
+        err.print("--format compressed-tensors stores integer zero-points: solving with neuqi-int")
+        method = Method.neuqi_int
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
 
@@ -110,6 +130,12 @@ def quantize(
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
     )
     result = run(config, job, device.value, err, scheduler)
+    if format is not None:
+        suffix = {"compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}.get(
+            format.value, f"-{format.value.removeprefix('gguf-')}.gguf")
+        _export(result, format, export_out or result.with_name(result.name + suffix), None,
+                "cpu" if device is Device.auto else device.value)
+        return
     typer.echo(str(result))
 
 
@@ -155,11 +181,6 @@ def status(
     console.print(f"model {info['model']} -> {info['out']}: {state}")
 
 
-def _planned(command: str, issue: int) -> None:
-    err.print(f"neuqi {command}: not yet available (planned, see issue #{issue})")
-    raise typer.Exit(2)
-
-
 @app.command(name="eval")
 def eval_(
     model: Annotated[str, typer.Argument(
@@ -184,10 +205,29 @@ def eval_(
         typer.echo(f"perplexity: {result['perplexity']:.4f}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export(ctx: typer.Context) -> None:
-    """Export a quantized output to compressed-tensors or GGUF (not yet available)."""
-    _planned("export", 9)
+def _export(output: Path, fmt: ExportFormat, out: Path, model: str | None, device: str) -> None:
+    from neuqi.export import export as run
+
+    report = run(output, fmt.value, out.expanduser(), model, device,
+                 lambda msg: err.print(msg, markup=False, highlight=False, soft_wrap=True))
+    err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    typer.echo(report.out)
+
+
+@app.command()
+def export(
+    output: Annotated[Path, typer.Argument(help="A quantized neuqi output folder.")],
+    format: Annotated[ExportFormat, typer.Option(
+        help="Target: compressed-tensors (folder for transformers/vLLM), gguf-q4_1/q5_1/q4_k/"
+             "q5_k/q2_k (llama.cpp file); gguf picks Q4_1 or Q5_1 from the output's bits.")],
+    out: Annotated[Path, typer.Option(help="Exported folder (compressed-tensors) or .gguf file.")],
+    model: Annotated[str | None, typer.Option(
+        help="The model the output was quantized from (default: the source in neuqi.json); "
+             "needed for the loss report and for formats that re-solve.")] = None,
+    device: Annotated[Device, typer.Option(help="Where to compute re-solves.")] = Device.cpu,
+) -> None:
+    """Export OUTPUT to an inference engine's format; prints the weighted loss it adds."""
+    _export(output, format, out, model, device.value)
 
 
 @app.command()

@@ -7,6 +7,8 @@ Layout of an output folder (format ``neuqi-v1``)::
     model.safetensors.index.json        {"metadata": {"total_size", "format"}, "weight_map"}
     model-00001-of-0000N.safetensors    the tensors
     tokenizer.json, ...                 the source's tokenizer / generation files
+    hessian_diag.safetensors            optional: per quantized weight, the Hessian diagonal h
+                                        [in] its solve used (``neuqi export`` re-solves with it)
 
 A quantized linear whose weight is ``<prefix>.weight`` is stored as three tensors:
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "HESSIAN_FILE",
     "INDEX_FILE",
     "META_FILE",
     "OutputWriter",
@@ -59,6 +62,7 @@ FORMAT = "neuqi-v1"
 FORMAT_VERSION = 1
 META_FILE = "neuqi.json"
 INDEX_FILE = "model.safetensors.index.json"
+HESSIAN_FILE = "hessian_diag.safetensors"
 QWEIGHT, SCALES, ZEROS = "qweight", "scales", "zeros"
 
 # Source files copied next to the weights (top-level regular files only; never weights).
@@ -238,6 +242,7 @@ class OutputWriter:
         self._total_bytes = 0
         self._quantized: dict[str, dict[str, Any]] = {}  # weight name -> metadata
         self._plain: dict[str, dict[str, Any]] = {}  # stored name -> dtype/shape
+        self._hessian: dict[str, torch.Tensor] = {}  # weight name -> h diagonal [in]
         self._state = "open"  # open | finalized | aborted
 
     # ------------------------------------------------------------------ context manager
@@ -338,6 +343,15 @@ class OutputWriter:
         self._plain[name] = {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)}
         self._put(name, tensor)
 
+    def add_hessian_diag(self, name: str, h_diag: torch.Tensor) -> None:
+        """Record the Hessian diagonal ``h [in]`` that quantized weight ``name`` was solved with;
+        written to ``hessian_diag.safetensors`` (float32, key ``name``) at finalize, so an export
+        can measure and re-solve with the same weighting."""
+        self._check_open()
+        if name in self._hessian:
+            raise ValueError(f"Hessian diagonal of {name} was already added")
+        self._hessian[name] = _host_tensor(h_diag.to(torch.float32).reshape(-1))
+
     def _check_open(self) -> None:
         if self._state != "open":
             raise RuntimeError(f"OutputWriter for {self.out_dir} is already {self._state}")
@@ -408,6 +422,7 @@ class OutputWriter:
             self._flush()
             self._name_shards()
             self._copy_source_files()
+            self._write_hessian()
             self._write_config()
             _write_json(self.temp_dir / META_FILE, self._meta())
             self._write_index()  # last: its presence marks complete weights
@@ -437,6 +452,16 @@ class OutputWriter:
             os.replace(self.temp_dir / tmp_name, self.temp_dir / name)
             final.append(name)
         self._shards = final
+
+    def _write_hessian(self) -> None:
+        if not self._hessian:
+            return
+        from safetensors.torch import save_file
+
+        path = self.temp_dir / HESSIAN_FILE
+        save_file(dict(sorted(self._hessian.items())), str(path), metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())
+        _fsync_file(path)
 
     def _write_index(self) -> None:
         weight_map = {key: self._shards[i] for key, i in sorted(self._shard_of.items())}
@@ -496,7 +521,7 @@ class OutputWriter:
             source["fingerprint"] = self.source.fingerprint()
         except OSError:
             source["fingerprint"] = None
-        return {
+        meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "quantization": self._headline(),
@@ -509,6 +534,9 @@ class OutputWriter:
             "quantized": dict(sorted(self._quantized.items())),
             "unquantized": dict(sorted(self._plain.items())),
         }
+        if self._hessian:
+            meta["hessian_diag"] = {"file": HESSIAN_FILE, "names": sorted(self._hessian)}
+        return meta
 
     def _check_target(self) -> None:
         check_output_target(self.out_dir)

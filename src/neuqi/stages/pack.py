@@ -1,7 +1,9 @@
 """Stage `pack`: the output folder, from the checkpoint's tensors and the solved parameters.
 
 Quantized linears are bit-packed by the writer; every other tensor (embeddings, norms, biases,
-lm_head) is copied as stored. The writer publishes the folder atomically at the end.
+lm_head) is copied as stored. The Hessian diagonal each linear was solved with goes beside the
+weights (``hessian_diag.safetensors``): `neuqi export` needs it to weigh and re-solve for formats
+with their own constraints. The writer publishes the folder atomically at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from neuqi.checkpoint import Checkpoint
 from neuqi.output import OutputWriter
 from neuqi.pipeline.store import JobStore
-from neuqi.stages.common import distilled_norms, quant_params
+from neuqi.stages.common import distilled_norms, h_name, quant_params
 
 
 def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
@@ -52,6 +54,9 @@ def run_pack(
                 layer, linear = targets[name]
                 codes, scale, zero = quant_params(store, layer, linear)
                 writer.add_quantized(name, codes, scale, zero, bits, group_size)
+                h_diag = h_name(layer, ckpt.arch.group_of(linear))
+                if store.has_array(h_diag):
+                    writer.add_hessian_diag(name, store.read_array(h_diag))
             elif name in norms:
                 original = ckpt.read(name)
                 writer.add_tensor(name, store.read_array(norms[name]).to(original.dtype))

@@ -1,0 +1,132 @@
+"""`neuqi export`: a native neuqi output to the formats inference engines load.
+
+Formats (``FORMATS``):
+
+* ``compressed-tensors``: transformers / vLLM ``pack-quantized``, integer zero-points
+  (:mod:`neuqi.export.compressed_tensors`);
+* ``gguf-q4_1`` / ``gguf-q5_1``: llama.cpp blocks of 32 with a float scale and a float offset,
+  NeUQI's own form (lossless up to fp16 block parameters); ``gguf-q4_k`` / ``gguf-q5_k`` /
+  ``gguf-q2_k``: K-quants, solved under their quantized sub-block scales and minimums
+  (:mod:`neuqi.export.gguf`); ``gguf`` picks Q4_1 or Q5_1 from the output's bits.
+
+The export streams one tensor at a time, writes under a temporary name and renames at the end.
+For every format it measures the weighted loss ``sum h (w - ŵ)²`` the format adds over the native
+result (needs the source checkpoint; see :class:`~neuqi.export.common.ExportSource`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuqi.errors import UserError
+from neuqi.export.common import ExportSource, weighted_loss
+
+__all__ = ["FORMATS", "ExportReport", "export"]
+
+FORMATS: tuple[str, ...] = (
+    "compressed-tensors", "gguf", "gguf-q4_1", "gguf-q5_1", "gguf-q4_k", "gguf-q5_k", "gguf-q2_k",
+)
+
+
+@dataclass
+class ExportReport:
+    """What an export did. Losses are ``sum h (w - ŵ)²`` over all quantized linears (``None``
+    when the original weights were not available)."""
+
+    format: str
+    out: str
+    native_loss: float | None
+    export_loss: float | None
+    tensors: int
+    hessian: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def added_loss(self) -> float | None:
+        if self.native_loss is None or self.export_loss is None:
+            return None
+        return self.export_loss - self.native_loss
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "added_loss": self.added_loss}
+
+    def summary(self) -> str:
+        if self.native_loss is None or self.export_loss is None:
+            return f"{self.format}: weighted loss not measured (no source weights)"
+        rel = self.added_loss / self.native_loss if self.native_loss > 0 else 0.0
+        return (
+            f"{self.format}: weighted loss {self.export_loss:.6g} vs native {self.native_loss:.6g}"
+            f" (added {self.added_loss:+.4g}, {100 * rel:+.3f}%)"
+        )
+
+
+def _exporter(fmt: str, source: ExportSource, out: Path) -> Any:
+    if fmt == "compressed-tensors":
+        from neuqi.export.compressed_tensors import CompressedTensorsExporter
+
+        return CompressedTensorsExporter(source, out)
+    from neuqi.export.gguf import GGUFExporter, default_type
+
+    qtype = default_type(source) if fmt == "gguf" else fmt.removeprefix("gguf-").upper()
+    return GGUFExporter(source, out, qtype)
+
+
+def export(
+    output: str | Path,
+    fmt: str,
+    out: str | Path,
+    model: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    say: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Export the native output folder ``output`` to format ``fmt`` at ``out`` (a folder for
+    compressed-tensors, a ``.gguf`` file for GGUF); return the report. ``say`` receives warnings."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    say = say or (lambda _msg: None)
+    source = ExportSource(output, model, device)
+    if source.missing_source:
+        say(f"warning: {source.missing_source}; the added loss is not measured (pass --model)")
+    if not source.has_hessian:
+        say("warning: the output has no hessian_diag.safetensors (older neuqi); losses and "
+            "re-solves use unit weights")
+    exporter = _exporter(fmt, source, Path(out))
+    native_total = export_total = 0.0
+    measured = source.checkpoint is not None
+    try:
+        for name in source.quantized_names:
+            lin = source.linear(name)
+            approx = exporter.add_linear(lin)
+            if lin.weight is not None:
+                native_total += weighted_loss(lin.weight, lin.dequantized(), lin.h_diag)
+                export_total += weighted_loss(lin.weight, approx, lin.h_diag)
+            else:
+                measured = False
+        for name in source.plain_names:
+            exporter.add_plain(name, source.plain(name))
+        notes = list(exporter.notes)  # before finalize: they go into the exported metadata
+        if getattr(exporter, "rounded", None):
+            notes.append(
+                f"warning: {len(exporter.rounded)} linear(s) have float zero-points, which "
+                f"{fmt} cannot store: rounded to integers (solve with --method neuqi-int to "
+                f"avoid this loss)"
+            )
+        report = ExportReport(
+            format=getattr(exporter, "format_name", fmt), out=str(exporter.target.path),
+            native_loss=native_total if measured else None,
+            export_loss=export_total if measured else None,
+            tensors=len(source.quantized_names) + len(source.plain_names),
+            hessian=source.has_hessian, notes=notes,
+        )
+        exporter.finalize(report.as_dict())
+    except BaseException:
+        exporter.abort()
+        raise
+    for note in report.notes:
+        say(note)
+    return report

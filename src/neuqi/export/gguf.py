@@ -1,0 +1,353 @@
+"""Export to a GGUF file that llama.cpp runs (written with the ``gguf`` package).
+
+Quantized linears:
+
+* ``Q4_1`` / ``Q5_1``: blocks of 32 weights with an fp16 scale ``d`` and an fp16 offset ``m``,
+  ``ŵ = d·q + m``. That is NeUQI's ``ŵ = s·(q - z)`` with group 32 and ``m = -s·z``, float
+  zero-point included: an output quantized with 4 (5) bits and group 32 is written with its own
+  codes, losing only the fp16 rounding of ``s`` and ``-s·z``. Other outputs are re-solved at
+  group 32 with the same method and Hessian.
+* ``Q4_K`` / ``Q5_K`` / ``Q2_K``: super-blocks of 256 with quantized sub-block scales and minimums,
+  solved under that constraint (:mod:`neuqi.export.kquants`). A row length that is not a multiple
+  of 256 cannot be a K-quant: such tensors are written as Q4_1 (Q5_1 for Q5_K), as llama.cpp's own
+  quantizer also falls back.
+
+Everything else (embeddings, norms, biases, an untied head) is F32. Tensor names, metadata and
+the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
+``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
+applies rotary embeddings to interleaved pairs, transformers to halves).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuqi.errors import UserError
+from neuqi.export.common import AtomicTarget, ExportSource, NativeLinear
+from neuqi.export.kquants import KSPECS, SUPER, KQuantized, solve_kquant
+from neuqi.solver import quantize_tensor
+
+BLOCK = 32  # weights per Q4_1 / Q5_1 block
+# model_type -> (GGUF architecture, whether q/k rows are permuted as convert_hf_to_gguf does)
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+         "qwen3": ("qwen3", False)}
+TYPES = ("Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K")
+_FALLBACK = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q2_K": "Q4_1"}
+_BLOCK_BITS = {"Q4_1": 4, "Q5_1": 5}
+
+
+def default_type(source: ExportSource) -> str:
+    """``--format gguf``: the block type that keeps the output's own codes."""
+    bits = {int(i["bits"]) for i in source.output.quantized.values()}
+    if bits == {4}:
+        return "Q4_1"
+    if bits == {5}:
+        return "Q5_1"
+    raise UserError(
+        f"--format gguf: no GGUF block type stores {sorted(bits)}-bit codes with a float offset; "
+        f"choose gguf-q4_1, gguf-q5_1, gguf-q4_k, gguf-q5_k or gguf-q2_k"
+    )
+
+
+# ------------------------------------------------------------------------------ block layouts
+def _f16_bytes(t: torch.Tensor) -> np.ndarray:
+    return t.to(torch.float16).numpy().view(np.uint8).reshape(*t.shape, 2)
+
+
+def pack_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Q4_1 blocks: codes uint8 ``[N, 32]``, d and m ``[N]`` -> uint8 ``[N, 20]``."""
+    c = codes.numpy().astype(np.uint8)
+    qs = (c[:, :16] & 0xF) | ((c[:, 16:] & 0xF) << 4)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), qs], axis=-1)
+
+
+def pack_q5_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Q5_1 blocks -> uint8 ``[N, 24]``: d, m, the 32 fifth bits (little-endian), low nibbles."""
+    c = codes.numpy().astype(np.uint8)
+    qh = np.packbits((c >> 4) & 1, axis=-1, bitorder="little")
+    qs = (c[:, :16] & 0xF) | ((c[:, 16:] & 0xF) << 4)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), qh, qs], axis=-1)
+
+
+def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit scales and eight 6-bit minimums."""
+    low = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    mid = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    high = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    return np.concatenate([low, mid, high], axis=-1).astype(np.uint8)
+
+
+def pack_kquant(k: KQuantized) -> np.ndarray:
+    """Super-blocks of ``k`` -> uint8 ``[out * in/256, bytes]`` in ggml's layout."""
+    out_f, in_f = k.codes.shape
+    n = out_f * in_f // SUPER
+    c = k.codes.numpy().astype(np.uint8).reshape(n, SUPER)
+    d, dmin = _f16_bytes(k.d.reshape(n)), _f16_bytes(k.dmin.reshape(n))
+    sc = k.sc.numpy().reshape(n, -1).astype(np.uint8)
+    mn = k.mn.numpy().reshape(n, -1).astype(np.uint8)
+    if k.spec.name == "Q2_K":
+        q = c.reshape(n, 2, 4, 32)
+        qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+        scales = (sc & 0xF) | ((mn & 0xF) << 4)
+        return np.concatenate([scales, qs.reshape(n, 64), d, dmin], axis=-1)
+    q = c.reshape(n, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(n, 128)
+    parts = [d, dmin, _k_scales(sc, mn)]
+    if k.spec.name == "Q5_K":
+        bits = (c.reshape(n, 8, 32) >> 4) & 1  # sub-block j, element l -> bit j of byte l
+        qh = np.zeros((n, 32), dtype=np.uint8)
+        for j in range(8):
+            qh |= (bits[:, j] << j).astype(np.uint8)
+        parts.append(qh)
+    parts.append(qs)
+    return np.concatenate(parts, axis=-1)
+
+
+# ------------------------------------------------------------------------------ the model
+def qk_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order of convert_hf_to_gguf's ``permute``: GGUF row ``r`` is transformers row
+    ``idx[r]`` (each head's two halves interleaved)."""
+    half = rows // n_head // 2
+    return torch.arange(rows).view(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _pre_tokenizer(tokenizer_json: dict[str, Any], model_type: str) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenization (``tokenizer.ggml.pre``)."""
+    if model_type in ("qwen2", "qwen3"):
+        return "qwen2"
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds and kinds[0] == "Split" and "\\p{N}{1,3}" in json.dumps(steps[0]):
+        return "llama-bpe"
+    return "default"
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return path.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+class GGUFExporter:
+    """Writes one GGUF file: tensors go to the gguf package's spooled temporary file as they come
+    (one tensor in memory at a time), header and metadata at :meth:`finalize`."""
+
+    def __init__(self, source: ExportSource, out: str | Path, qtype: str) -> None:
+        import gguf
+
+        if qtype not in TYPES:
+            raise UserError(f"--format gguf-{qtype.lower()}: choose one of {', '.join(TYPES)}")
+        self.source = source
+        self.qtype = qtype
+        self.format_name = f"gguf-{qtype.lower()}"
+        config = source.config()
+        self.config = config
+        model_type = str(config.get("model_type"))
+        if model_type not in ARCHS:
+            raise UserError(
+                f"{source.path / 'config.json'}: model_type {model_type!r} has no GGUF export; "
+                f"supported: {', '.join(sorted(ARCHS))}"
+            )
+        self.model_type = model_type
+        self.arch, self.permute = ARCHS[model_type]
+        self.n_head = int(config["num_attention_heads"])
+        self.n_kv = int(config.get("num_key_value_heads") or self.n_head)
+        self.n_layers = int(config["num_hidden_layers"])
+        self.names = gguf.get_tensor_name_map(
+            next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), self.n_layers
+        )
+        self.target = AtomicTarget(out, folder=False, is_ours=_is_gguf)
+        self.writer = gguf.GGUFWriter(None, self.arch, use_temp_file=True)
+        self._notes: list[str] = []
+        self.types: dict[str, str] = {}
+        self.fallback: list[str] = []
+        self._metadata()  # only kept until finalize; a bad tokenizer fails before any solve
+
+    @property
+    def notes(self) -> list[str]:
+        notes = list(self._notes)
+        if self.fallback:
+            kinds = sorted({self.types[n] for n in self.fallback if n in self.types})
+            notes.append(
+                f"note: {len(self.fallback)} linear(s) written as {'/'.join(kinds)} at group 32 "
+                f"(re-solved, or rows not a multiple of {SUPER} for {self.qtype})"
+            )
+        return notes
+
+    # --------------------------------------------------------------------------- tensors
+    def _gguf_name(self, name: str) -> str:
+        new = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise UserError(f"{self.source.path}: tensor {name} has no GGUF name for {self.arch}")
+        return new
+
+    def _rows(self, name: str, rows: int) -> torch.Tensor | None:
+        if not self.permute:
+            return None
+        if name.endswith("self_attn.q_proj.weight"):
+            return qk_permutation(rows, self.n_head)
+        if name.endswith("self_attn.k_proj.weight"):
+            return qk_permutation(rows, self.n_kv)
+        return None
+
+    def add_linear(self, lin: NativeLinear) -> torch.Tensor:
+        """Store ``lin``; return the weight llama.cpp will compute, float32 ``[out, in]`` in the
+        transformers row order."""
+        import gguf
+
+        out_f, in_f = lin.codes.shape
+        qtype = self.qtype
+        if qtype in KSPECS and in_f % SUPER:
+            qtype = _FALLBACK[qtype]
+            self.fallback.append(lin.name)
+        if qtype in KSPECS:
+            weight = lin.require_weight(f"{qtype} (solved under its constraint)")
+            k = solve_kquant(weight, lin.h_diag, KSPECS[qtype], method=lin.method or "neuqi",
+                             device=self.source.device)
+            k = KQuantized(k.codes.cpu(), k.d.cpu(), k.dmin.cpu(), k.sc.cpu(), k.mn.cpu(), k.spec)
+            approx = k.dequantize()
+            blocks = pack_kquant(k).reshape(out_f, -1)
+        else:
+            codes, d, m = self._block_params(lin, _BLOCK_BITS[qtype])
+            pack = pack_q4_1 if qtype == "Q4_1" else pack_q5_1
+            blocks = pack(codes.reshape(-1, BLOCK), d.reshape(-1), m.reshape(-1))
+            blocks = blocks.reshape(out_f, -1)
+            d16, m16 = _fp16_t(d), _fp16_t(m)
+            q = codes.to(torch.float32).view(out_f, -1, BLOCK)
+            approx = (d16.unsqueeze(-1) * q + m16.unsqueeze(-1)).reshape(out_f, in_f)
+        rows = self._rows(lin.name, out_f)
+        if rows is not None:
+            blocks = blocks[rows.numpy()]
+        self.types[lin.name] = qtype
+        self.writer.add_tensor(self._gguf_name(lin.name), np.ascontiguousarray(blocks),
+                               raw_dtype=gguf.GGMLQuantizationType[qtype])
+        return approx
+
+    def _block_params(self, lin: NativeLinear, bits: int) -> tuple[torch.Tensor, ...]:
+        """Codes ``[out, in]`` and per-block d, m ``[out, in/32]`` (float32) for a 32-block type:
+        the output's own when it has ``bits`` and group 32, else re-solved at group 32."""
+        if lin.bits == bits and lin.group_length == BLOCK:
+            codes, scale, zero = lin.codes, lin.scale, lin.zero_point
+        else:
+            if lin.codes.shape[1] % BLOCK:
+                raise UserError(f"{lin.name}: {lin.codes.shape[1]} inputs is not a multiple of 32; "
+                                f"GGUF block types cannot store it")
+            weight = lin.require_weight(f"{bits}-bit blocks of 32 (a re-solve)")
+            q = quantize_tensor(weight, lin.h_diag, bits=bits, group_size=BLOCK,
+                                method=lin.method or "neuqi", device=self.source.device)
+            codes, scale, zero = q.codes.cpu(), q.scale.cpu(), q.zero_point.cpu()
+            if lin.name not in self.fallback:
+                self.fallback.append(lin.name)
+        return codes, scale, -scale * zero
+
+    def add_plain(self, name: str, tensor: torch.Tensor) -> None:
+        if name.endswith("rotary_emb.inv_freq"):
+            return
+        data = tensor.to(torch.float32).contiguous().numpy()
+        self.writer.add_tensor(self._gguf_name(name), data)
+
+    # --------------------------------------------------------------------------- metadata
+    def _metadata(self) -> None:
+        import gguf
+
+        w, c = self.writer, self.config
+        hidden = int(c["hidden_size"])
+        head_dim = int(c.get("head_dim") or hidden // self.n_head)
+        rope = c.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+        w.add_name(str(c.get("_name_or_path") or self.source.path.name))
+        w.add_context_length(int(c.get("max_position_embeddings", 2048)))
+        w.add_embedding_length(hidden)
+        w.add_block_count(self.n_layers)
+        w.add_feed_forward_length(int(c["intermediate_size"]))
+        w.add_head_count(self.n_head)
+        w.add_head_count_kv(self.n_kv)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(float(theta))
+        w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+        w.add_vocab_size(int(c["vocab_size"]))
+        ftype = {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+                 "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+                 "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K}[self.qtype]
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if (rope.get("rope_type") or "default") != "default":
+            self._notes.append(f"warning: rope_type {rope.get('rope_type')} is not written to the "
+                              f"GGUF; llama.cpp will use plain RoPE")
+        self._tokenizer()
+
+    def _tokenizer(self) -> None:
+        import gguf
+        from transformers import AutoTokenizer
+
+        folder = self.source.path
+        tj_file = folder / "tokenizer.json"
+        if not tj_file.is_file():
+            raise UserError(f"{tj_file}: missing; the GGUF export needs the Hugging Face "
+                            f"tokenizer.json (byte-level BPE) beside the output")
+        tj = json.loads(tj_file.read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback"):
+            raise UserError(f"{tj_file}: the GGUF export supports byte-level BPE tokenizers only "
+                            f"(not SentencePiece-style ones)")
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        vocab_size = int(self.config["vocab_size"])
+        reverse = {i: t for t, i in tok.get_vocab().items()}
+        added = tok.added_tokens_decoder
+        tokens: list[str] = []
+        types: list[int] = []
+        for i in range(vocab_size):
+            if i not in reverse:
+                tokens.append(f"[PAD{i}]")
+                types.append(gguf.TokenType.UNUSED)
+            elif i in added:
+                tokens.append(reverse[i])
+                types.append(gguf.TokenType.CONTROL if added[i].special
+                             else gguf.TokenType.USER_DEFINED)
+            else:
+                tokens.append(reverse[i])
+                types.append(gguf.TokenType.NORMAL)
+        pre = _pre_tokenizer(tj, self.model_type)
+        if pre == "default":
+            self._notes.append("warning: unknown pre-tokenizer; llama.cpp will split text its "
+                              "default way (token ids may differ from transformers')")
+        self.writer.add_tokenizer_model("gpt2")
+        self.writer.add_tokenizer_pre(pre)
+        self.writer.add_token_list(tokens)
+        self.writer.add_token_types(types)
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+        special.add_to_gguf(self.writer, quiet=True)
+
+    # --------------------------------------------------------------------------- finishing
+    def finalize(self, report: dict[str, Any]) -> Path:
+        self.writer.add_string("neuqi.export", json.dumps(report))
+        w = self.writer
+        w.write_header_to_file(self.target.temp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return self.target.publish()
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.target.abort()
+
+
+def _fp16_t(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).to(torch.float32)

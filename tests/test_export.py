@@ -1,0 +1,361 @@
+"""`neuqi export`: compressed-tensors read by transformers, GGUF read by the gguf package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neuqi.export import export
+from neuqi.export.common import ExportSource, weighted_loss
+from neuqi.loader import NeuqiOutput, load_quantized
+from neuqi.pipeline.config import QuantizeConfig
+from neuqi.pipeline.runner import quantize
+
+TINY = {"nsamples": 4, "seqlen": 32, "batch_size": 3}
+
+
+def neuqi(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
+        check=False, capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )
+
+
+def _quantize(model: Path, out: Path, **options) -> Path:
+    config = QuantizeConfig(model=str(model), out=str(out), **{**TINY, **options})
+    return quantize(config, None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def int_output(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny LLaMA, 4 bits, group 32, integer zero-points (neuqi-int)."""
+    out = tmp_path_factory.mktemp("int") / "out"
+    return _quantize(tiny_llama, out, bits=4, group_size=32, method="neuqi-int")
+
+
+@pytest.fixture(scope="module")
+def float_output(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny LLaMA, 4 bits, group 32, NeUQI's float zero-points."""
+    out = tmp_path_factory.mktemp("float") / "out"
+    return _quantize(tiny_llama, out, bits=4, group_size=32, method="neuqi")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _transformers_logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _native_logits(folder: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_quantized(folder)(_ids()).logits
+
+
+# ---------------------------------------------------------------------------- the sidecar
+def test_pack_writes_the_hessian_diagonal_of_every_quantized_linear(int_output: Path):
+    meta = json.loads((int_output / "neuqi.json").read_text())
+    h = load_file(int_output / meta["hessian_diag"]["file"])
+    assert sorted(h) == sorted(meta["quantized"]) == meta["hessian_diag"]["names"]
+    q = h["model.layers.0.self_attn.q_proj.weight"]
+    assert q.shape == (64,) and bool((q > 0).all())
+    # q, k and v read the same input, so they share one diagonal
+    assert torch.equal(q, h["model.layers.0.self_attn.v_proj.weight"])
+    assert not torch.equal(q, h["model.layers.0.mlp.down_proj.weight"][:64])
+
+
+def test_native_loss_is_the_solver_loss_with_the_sidecar(int_output: Path):
+    source = ExportSource(int_output)
+    lin = source.linear("model.layers.1.mlp.down_proj.weight")
+    assert lin.weight is not None and lin.h_diag is not None
+    loss = weighted_loss(lin.weight, lin.dequantized(), lin.h_diag)
+    from neuqi.solver import quantize_tensor
+
+    again = quantize_tensor(lin.weight, lin.h_diag, bits=4, group_size=32, method="neuqi-int")
+    assert loss == pytest.approx(float(again.loss.sum()), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- compressed-tensors
+def test_compressed_tensors_loads_in_transformers_with_the_native_logits(
+    int_output: Path, tmp_path: Path
+):
+    out = tmp_path / "ct"
+    r = neuqi("export", str(int_output), "--format", "compressed-tensors", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    assert "added +0," in r.stderr  # integer zero-points: nothing lost
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == "pack-quantized"
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 32, False)
+    ours, theirs = _native_logits(int_output), _transformers_logits(out)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_tensors_rounds_float_zero_points_with_a_warning(
+    float_output: Path, tmp_path: Path
+):
+    notes: list[str] = []
+    report = export(float_output, "compressed-tensors", tmp_path / "ct", say=notes.append)
+    assert any("float zero-points" in n for n in notes)
+    assert report.added_loss is not None and report.added_loss > 0
+    # what transformers computes is what the report measured
+    source = ExportSource(float_output)
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ct", quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    total = 0.0
+    for name in source.quantized_names:
+        lin = source.linear(name)
+        loaded = model.get_parameter(name).detach()
+        total += weighted_loss(lin.weight, loaded, lin.h_diag)
+    assert total == pytest.approx(report.export_loss, rel=1e-5)
+
+
+def test_quantize_with_format_compressed_tensors_solves_with_integer_zero_points(
+    tiny_llama: Path, tmp_path: Path
+):
+    out = tmp_path / "q"
+    r = neuqi("quantize", str(tiny_llama), "--out", str(out), "--bits", "4", "--group-size",
+              "32", "--nsamples", "4", "--seqlen", "32", "--device", "cpu",
+              "--format", "compressed-tensors")
+    assert r.returncode == 0, r.stderr
+    exported = Path(r.stdout.strip())
+    assert exported == tmp_path / "q-compressed-tensors"
+    assert NeuqiOutput.open(out).meta["quantization"]["method"] == "neuqi-int"
+    assert "added +0," in r.stderr
+    torch.testing.assert_close(_transformers_logits(exported), _native_logits(out),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_folder_it_did_not_write(int_output: Path, tiny_llama: Path):
+    r = neuqi("export", str(int_output), "--format", "compressed-tensors", "--out",
+              str(tiny_llama))
+    assert r.returncode == 2
+    assert "--out" in r.stderr and "Traceback" not in r.stderr
+    assert (tiny_llama / "model.safetensors").is_file()
+
+
+def test_export_of_a_folder_that_is_not_an_output_is_a_user_error(tmp_path: Path):
+    r = neuqi("export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2
+    assert "neuqi.json" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------- GGUF
+def _read_gguf(path: Path) -> dict[str, object]:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}
+
+
+def _gguf_weight(tensor) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+
+
+def _hf_rows(name: str, weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """A GGUF llama q/k weight back in transformers' row order."""
+    from neuqi.export.gguf import qk_permutation
+
+    n = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith(
+        "k_proj.weight") else None
+    if n is None:
+        return weight
+    out = torch.empty_like(weight)
+    out[qk_permutation(weight.shape[0], n)] = weight
+    return out
+
+
+GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(name: str) -> str:
+    _, _, layer, *rest = name.split(".")
+    return f"blk.{layer}.{GGUF_LINEAR['.'.join(rest[:-1])]}.weight"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K"])
+def test_block_layouts_read_back_with_the_gguf_package(qtype: str):
+    """Our packing of codes and block parameters is what gguf's dequantizer reads."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from neuqi.export.gguf import pack_kquant, pack_q4_1, pack_q5_1
+    from neuqi.export.kquants import KSPECS, KQuantized
+
+    g = torch.Generator().manual_seed(1)
+    rows = 3
+    if qtype in ("Q4_1", "Q5_1"):
+        bits = 4 if qtype == "Q4_1" else 5
+        codes = torch.randint(0, 2**bits, (rows * 8, 32), generator=g, dtype=torch.uint8)
+        d = (torch.rand(rows * 8, generator=g) * 0.1).half().float()
+        m = (torch.randn(rows * 8, generator=g) * 0.1).half().float()
+        blocks = (pack_q4_1 if bits == 4 else pack_q5_1)(codes, d, m).reshape(rows, -1)
+        expected = (d.unsqueeze(-1) * codes.float() + m.unsqueeze(-1)).reshape(rows, -1)
+    else:
+        spec = KSPECS[qtype]
+        nsub = 256 // spec.sub
+        top = 2**spec.scale_bits
+        k = KQuantized(
+            codes=torch.randint(0, 2**spec.bits, (rows, 512), generator=g, dtype=torch.uint8),
+            d=(torch.rand(rows, 2, generator=g) * 0.01).half().float(),
+            dmin=(torch.rand(rows, 2, generator=g) * 0.01).half().float(),
+            sc=torch.randint(0, top, (rows, 2, nsub), generator=g, dtype=torch.uint8),
+            mn=torch.randint(0, top, (rows, 2, nsub), generator=g, dtype=torch.uint8),
+            spec=spec,
+        )
+        blocks = pack_kquant(k).reshape(rows, -1)
+        expected = k.dequantize()
+    got = torch.from_numpy(dequantize(blocks, GGMLQuantizationType[qtype]).copy())
+    assert torch.equal(got, expected)
+
+
+def test_gguf_q4_1_keeps_neuqi_codes_and_float_offsets(float_output: Path, tmp_path: Path):
+    out = tmp_path / "m.gguf"
+    r = neuqi("export", str(float_output), "--format", "gguf", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    assert "gguf-q4_1: weighted loss" in r.stderr
+    tensors = _read_gguf(out)
+    source = ExportSource(float_output)
+    for name in source.quantized_names:
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type.name == "Q4_1"
+        lin = source.linear(name)
+        # d = s and m = -s*z, each rounded to fp16; the codes are the output's own
+        d = lin.scale.half().float().repeat_interleave(32, 1)
+        m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
+        expected = d * lin.codes.float() + m
+        got = _hf_rows(name, _gguf_weight(t), 4, 2)
+        assert torch.equal(got, expected), name
+        torch.testing.assert_close(got, lin.dequantized(), rtol=0, atol=2e-3)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        gname = {"model.embed_tokens.weight": "token_embd.weight",
+                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
+        assert tensors[gname].tensor_type.name == "F32"
+        assert torch.equal(torch.from_numpy(tensors[gname].data.copy()).reshape(
+            source.plain(name).shape), source.plain(name))
+
+
+def test_gguf_runs_in_transformers_with_the_native_logits(float_output: Path, tmp_path: Path):
+    """transformers' own GGUF reader (tokenizer, metadata, q/k permutation undone) gives the
+    logits of the native output, up to the fp16 block parameters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "m.gguf"
+    export(float_output, "gguf-q4_1", out)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        got = model(_ids()).logits
+    ours = _native_logits(float_output)
+    assert (got - ours).abs().max() < 0.05 * ours.abs().max()
+    text = "The quick brown fox jumps over the lazy dog."
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    mine = AutoTokenizer.from_pretrained(float_output)
+    assert theirs(text)["input_ids"][-8:] == mine(text)["input_ids"][-8:]
+
+
+@pytest.fixture(scope="module")
+def wide_output(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA with rows of 256 and 512 weights (K-quant super-blocks), 4 bits, group 32."""
+    model = tiny_model_factory("llama", hidden_size=256, intermediate_size=512,
+                               num_hidden_layers=1)
+    out = tmp_path_factory.mktemp("wide") / "out"
+    return _quantize(model, out, bits=4, group_size=32, method="neuqi")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q2_K"])
+def test_gguf_k_quants_are_solved_under_their_constraint(
+    wide_output: Path, tmp_path: Path, qtype: str
+):
+    from neuqi.export.kquants import KSPECS, round_after, solve_kquant
+    from neuqi.solver import quantize_tensor
+
+    out = tmp_path / "k.gguf"
+    report = export(wide_output, f"gguf-{qtype.lower()}", out)
+    assert report.export_loss is not None
+    tensors = _read_gguf(out)
+    source = ExportSource(wide_output)
+    spec = KSPECS[qtype]
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        t = tensors[_gguf_name(name)]
+        assert t.tensor_type.name == qtype
+        lin = source.linear(name)
+        got = _hf_rows(name, _gguf_weight(t), 4, 2)
+        solved = solve_kquant(lin.weight, lin.h_diag, spec)
+        assert torch.equal(got, solved.dequantize())
+        loss = weighted_loss(lin.weight, got, lin.h_diag)
+        # between NeUQI without the constraint and NeUQI rounded onto it afterwards
+        free = quantize_tensor(lin.weight, lin.h_diag, bits=spec.bits, group_size=spec.sub)
+        after = weighted_loss(lin.weight, round_after(lin.weight, lin.h_diag, spec).dequantize(),
+                              lin.h_diag)
+        assert float(free.loss.sum()) <= loss < after
+
+
+def test_gguf_k_quant_rows_off_the_super_block_fall_back_to_q4_1(
+    float_output: Path, tmp_path: Path
+):
+    notes: list[str] = []
+    export(float_output, "gguf-q4_k", tmp_path / "k.gguf", say=notes.append)
+    assert any("Q4_1" in n for n in notes)
+    tensors = _read_gguf(tmp_path / "k.gguf")
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_1"
+
+
+def test_gguf_replaces_only_a_gguf_file(float_output: Path, tmp_path: Path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    r = neuqi("export", str(float_output), "--format", "gguf-q4_1", "--out", str(target))
+    assert r.returncode == 2 and "--out" in r.stderr
+    assert target.read_text() == "keep me"
+    out = tmp_path / "m.gguf"
+    export(float_output, "gguf-q4_1", out)
+    first = out.read_bytes()
+    export(float_output, "gguf-q4_1", out)  # an earlier export is replaced
+    assert out.read_bytes()[:4] == b"GGUF" and len(out.read_bytes()) == len(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "notes.txt"]
+
+
+def test_quantize_with_format_gguf_exports_a_qwen2_that_transformers_runs(
+    tiny_qwen2: Path, tmp_path: Path
+):
+    """Qwen2: q/k/v biases, tied embeddings, no q/k permutation (NeoX rotary in llama.cpp)."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    r = neuqi("quantize", str(tiny_qwen2), "--out", str(out), "--bits", "4", "--group-size",
+              "32", "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "--format", "gguf")
+    assert r.returncode == 0, r.stderr
+    exported = Path(r.stdout.strip())
+    assert exported == tmp_path / "q.gguf"
+    tensors = _read_gguf(exported)
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert tensors["blk.0.attn_q.bias"].tensor_type.name == "F32"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=exported.name,
+                                                 dtype=torch.float32)
+    with torch.no_grad():
+        got = model(_ids()).logits
+    ours = _native_logits(out)
+    assert (got - ours).abs().max() < 0.01 * ours.abs().max()
