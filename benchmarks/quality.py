@@ -1,7 +1,8 @@
 """The quality table: perplexity of SmolLM2-135M quantized by each method at each bit width.
 
     python benchmarks/quality.py [--settings w2g64,w3g64,w4g64,w3c,w4c]
-        [--methods minmax,neuqi-int,neuqi] [--max-windows 16] [--nsamples 32] [--seqlen 512]
+        [--methods minmax,neuqi-int,neuqi,minmax+gptq,neuqi+gptq,neuqi+distill,...]
+        [--max-windows 16] [--nsamples 32] [--seqlen 512]
         [--calib ../shared/data/pride-and-prejudice.txt] [--data ../shared/data/wikitext2-test.raw]
         [--eval-seqlen 2048] [--device cpu] [--results benchmarks/results] [--workdir out/quality]
         [--force] [--keep]
@@ -15,7 +16,9 @@ Every row runs the real command line in a fresh process, exactly as a user would
 so every row uses the same calibration windows (same text, count, length and seed) and the same
 evaluation windows (the first ``--max-windows`` non-overlapping windows of the joined text). The
 full-precision row is ``neuqi eval smollm2``. The quantize time is the wall time of the
-``neuqi quantize`` process (model conversion is done once beforehand, not counted).
+``neuqi quantize`` process (model conversion is done once beforehand, not counted), plus that of
+``neuqi distill OUT --teacher smollm2 --steps NSAMPLES`` for the end-to-end distillation row.
+Distillation rows train for one pass over the calibration windows (``--distill-steps NSAMPLES``).
 
 Results accumulate in ``<results>/quality.json`` keyed by row, with the protocol (calibration and
 evaluation options) they were made with: a rerun skips rows already measured under the same
@@ -45,13 +48,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 NEUQI = [sys.executable, "-c", "from neuqi.cli import main; main()"]
 
-# Method names in the table -> `neuqi quantize` options. Later rows (GPTQ, distillation) are added
-# here as their options land; the table shows whichever rows have been measured.
+# Method names in the table -> `neuqi quantize` options; the table shows whichever rows have been
+# measured. "{steps}" is --distill-steps / --steps: one pass over the calibration windows.
 METHODS: dict[str, list[str]] = {
     "minmax": ["--method", "minmax"],
     "neuqi-int": ["--method", "neuqi-int"],
     "neuqi": ["--method", "neuqi"],
+    "minmax+gptq": ["--method", "minmax", "--gptq"],  # Min-Max of the original weights
+    "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq"],  # the original GPTQ
+    "neuqi+gptq": ["--method", "neuqi", "--gptq"],
+    "neuqi+distill": ["--method", "neuqi", "--distill-steps", "{steps}"],  # block-wise
+    "neuqi+gptq+distill": ["--method", "neuqi", "--gptq", "--distill-steps", "{steps}"],
+    "neuqi+e2e-distill": ["--method", "neuqi"],  # then `neuqi distill` (END_TO_END)
 }
+# Rows whose quantized output is then trained end to end: `neuqi distill OUT --teacher MODEL`.
+END_TO_END = {"neuqi+e2e-distill"}
 SETTING = re.compile(r"^w([2-8])(?:g(\d+)|c)$")
 
 
@@ -242,11 +253,24 @@ def main() -> None:
             out = args.workdir / name
             for stale in (out, out.with_name(out.name + ".job")):
                 shutil.rmtree(stale, ignore_errors=True)
+            flags = [f.format(steps=args.nsamples) for f in METHODS[method]]
             cmd = [*NEUQI, "quantize", args.model, "--out", str(out), "--bits", str(bits),
-                   "--group-size", str(group), *METHODS[method], "--calib", str(args.calib),
+                   "--group-size", str(group), *flags, "--calib", str(args.calib),
                    "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
                    str(args.seed), "--device", args.device]
             _, seconds = run(cmd, logs / f"{name}-quantize.log")
+            if method in END_TO_END:
+                trained = out.with_name(out.name + "-e2e")
+                shutil.rmtree(trained, ignore_errors=True)
+                cmd = [*NEUQI, "distill", str(out), "--teacher", args.model, "--out",
+                       str(trained), "--job", str(trained.with_name(trained.name + ".job")),
+                       "--steps", str(args.nsamples), "--calib", str(args.calib), "--nsamples",
+                       str(args.nsamples), "--seqlen", str(args.seqlen), "--device", args.device]
+                _, more = run(cmd, logs / f"{name}-distill.log")
+                seconds += more
+                for path in (out, out.with_name(out.name + ".job")):
+                    shutil.rmtree(path, ignore_errors=True)
+                out = trained
             row = evaluate(str(out), args, logs / f"{name}-eval.log")
             row["quantize_seconds"] = round(seconds, 1)
             rows[key] = row
