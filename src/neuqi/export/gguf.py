@@ -124,7 +124,7 @@ def _pre_tokenizer(tokenizer_json: dict[str, Any], model_type: str) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for the plain GPT-2 byte-level split
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
         return "smollm"
     if kinds and kinds[0] == "Split" and "\\p{N}{1,3}" in json.dumps(steps[0]):
