@@ -164,7 +164,7 @@ def plot(results: dict[str, Any], settings: list[str], methods: list[str], path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = results["rows"]
     kinds = [("groups of 64", lambda g: g == 64), ("per channel", lambda g: g == -1)]
@@ -181,8 +181,12 @@ def plot(results: dict[str, Any], settings: list[str], methods: list[str], path:
             ax.axhline(rows["fp"]["perplexity"], color="black", linestyle="--", linewidth=1,
                        label="full precision")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        low, high = ax.get_ylim()
+        if high / low > 10:  # several decades: label the powers of ten only
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xticks([b for b, _ in chosen])
         ax.set_xlabel("bits per weight")
         ax.set_ylabel("WikiText-2 perplexity (log scale)")
