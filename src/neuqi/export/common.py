@@ -23,6 +23,7 @@ from neuqi.checkpoint import Checkpoint
 from neuqi.errors import UserError
 from neuqi.loader import DequantLinear, NeuqiOutput
 from neuqi.output import HESSIAN_FILE
+from neuqi.output import _fsync_dir as _fsync  # fsync a file or a folder, best effort
 
 __all__ = [
     "AtomicTarget",
@@ -158,19 +159,6 @@ class ExportSource:
 
 # ------------------------------------------------------------------------------------ targets
 _TEMP = re.compile(r"\.(partial|old)-[0-9a-f]{16}$")
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class AtomicTarget:
