@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from neuqi.allocator import tune_allocator
 from neuqi.errors import UserError
 
 app = typer.Typer(
@@ -271,25 +272,9 @@ def distill(
     typer.echo(str(result))
 
 
-def _return_freed_memory_to_the_os() -> None:
-    """glibc raises its mmap threshold after large blocks are freed, so later large tensors come
-    from the heap and the peak RSS creeps up with every layer. A fixed threshold keeps large
-    blocks in their own mappings, which go back to the OS when freed."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def main() -> None:
     """Console entry point: one line on stderr and exit 2 for bad input, 1 for a bug."""
-    _return_freed_memory_to_the_os()
+    tune_allocator()
     try:
         app()  # handles usage errors (exit 2) and exits with the command's code
     except UserError as e:

@@ -26,6 +26,7 @@ from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
+from neuqi.allocator import tune_allocator
 from neuqi.errors import UserError
 
 T = TypeVar("T")
@@ -104,6 +105,12 @@ class InProcessExecutor:
         self.close()
 
 
+def _in_worker(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a dask worker process, with the allocator settings of the CLI."""
+    tune_allocator()
+    return fn(*args)
+
+
 class DaskExecutor:
     """Submits tasks to a dask.distributed cluster (``Client.submit``, never ``pure``).
 
@@ -123,7 +130,7 @@ class DaskExecutor:
     def submit(self, fn: Callable[..., T], *args: Any, key: str) -> Future[T]:
         resources = {"GPU": 1} if self.device.type == "cuda" else None
         return self.client.submit(  # type: ignore[no-any-return]
-            fn, *args, key=f"neuqi-{key}-{uuid.uuid4().hex}", pure=False,
+            _in_worker, fn, *args, key=f"neuqi-{key}-{uuid.uuid4().hex}", pure=False,
             retries=RETRIES, resources=resources,
         )
 
