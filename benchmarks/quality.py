@@ -17,7 +17,9 @@ so every row uses the same calibration windows (same text, count, length and see
 evaluation windows (the first ``--max-windows`` non-overlapping windows of the joined text). The
 full-precision row is ``neuqi eval smollm2``. The quantize time is the wall time of the
 ``neuqi quantize`` process (model conversion is done once beforehand, not counted), plus that of
-``neuqi distill OUT --teacher smollm2 --steps NSAMPLES`` for the end-to-end distillation row.
+``neuqi distill OUT --teacher smollm2 --steps NSAMPLES`` for the end-to-end distillation row
+(which starts from the plain ``neuqi`` row's output when that was kept with ``--keep``: the same
+command gives bitwise the same output, so it is copied and its measured time counted).
 Distillation rows train for one pass over the calibration windows (``--distill-steps NSAMPLES``).
 
 Results accumulate in ``<results>/quality.json`` keyed by row, with the protocol (calibration and
@@ -61,8 +63,11 @@ METHODS: dict[str, list[str]] = {
     "neuqi+gptq+distill": ["--method", "neuqi", "--gptq", "--distill-steps", "{steps}"],
     "neuqi+e2e-distill": ["--method", "neuqi"],  # then `neuqi distill` (END_TO_END)
 }
-# Rows whose quantized output is then trained end to end: `neuqi distill OUT --teacher MODEL`.
-END_TO_END = {"neuqi+e2e-distill"}
+# Rows whose quantized output is then trained end to end: `neuqi distill OUT --teacher MODEL`,
+# with the row whose `neuqi quantize` command they share (its output is reused when kept).
+END_TO_END = {"neuqi+e2e-distill": "neuqi"}
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=ROOT, check=False).stdout.strip() or "unknown"
 SETTING = re.compile(r"^w([2-8])(?:g(\d+)|c)$")
 
 
@@ -250,7 +255,7 @@ def main() -> None:
         finish()
         print((args.results / "quality.md").read_text())
         return
-    if "fp" not in rows or args.force:
+    if "fp" not in rows:  # --force redoes the rows of --settings x --methods, not this one
         rows["fp"] = evaluate(args.model, args, logs / "fp-eval.log")
         print(f"full precision: perplexity {rows['fp']['perplexity']:.4f}", flush=True)
         finish()
@@ -265,11 +270,19 @@ def main() -> None:
             for stale in (out, out.with_name(out.name + ".job")):
                 shutil.rmtree(stale, ignore_errors=True)
             flags = [f.format(steps=args.nsamples) for f in METHODS[method]]
-            cmd = [*NEUQI, "quantize", args.model, "--out", str(out), "--bits", str(bits),
-                   "--group-size", str(group), *flags, "--calib", str(args.calib),
-                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
-                   str(args.seed), "--device", args.device]
-            _, seconds = run(cmd, logs / f"{name}-quantize.log")
+            base = END_TO_END.get(method)
+            kept = args.workdir / f"{setting}-{base}" if base else None
+            if kept is not None and (kept / "neuqi.json").exists() and f"{setting}/{base}" in rows:
+                # the same `neuqi quantize` command gives bitwise the same output: reuse the
+                # kept one (--keep) and its measured time instead of quantizing again
+                shutil.copytree(kept, out)
+                seconds = rows[f"{setting}/{base}"]["quantize_seconds"]
+            else:
+                cmd = [*NEUQI, "quantize", args.model, "--out", str(out), "--bits", str(bits),
+                       "--group-size", str(group), *flags, "--calib", str(args.calib),
+                       "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed",
+                       str(args.seed), "--device", args.device]
+                _, seconds = run(cmd, logs / f"{name}-quantize.log")
             if method in END_TO_END:
                 trained = out.with_name(out.name + "-e2e")
                 shutil.rmtree(trained, ignore_errors=True)
@@ -284,6 +297,7 @@ def main() -> None:
                 out = trained
             row = evaluate(str(out), args, logs / f"{name}-eval.log")
             row["quantize_seconds"] = round(seconds, 1)
+            row["commit"] = COMMIT
             rows[key] = row
             print(f"{key}: perplexity {row['perplexity']:.4f}, quantize {minutes(seconds)}",
                   flush=True)
