@@ -6,7 +6,7 @@ threshold (1 MiB) keeps large blocks in their own mappings, which go back to the
 But the solver allocates and frees tens of MiB of temporaries per chunk of groups, and with the
 default trim threshold (128 KiB once the mmap threshold is fixed) every free at the top of the heap
 gave the pages back and every next chunk faulted them in again: measured on SmolLM2-135M, w3 g64,
-19 million page faults and 52 s per layer, of which 40 % system time. Keeping up to 1 GiB free at
+19 million page faults and 52 s per layer, 44 % of its CPU time in the kernel. Keeping up to 1 GiB free at
 the top of the heap (and growing it 256 MiB at a time) makes it 17 s per layer with 2.8 million
 faults. Both settings are bounded, so the peak stays about one layer plus one batch.
 """
