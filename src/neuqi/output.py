@@ -136,7 +136,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder, best effort (some platforms have no folder descriptors)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # platforms without directory fds
@@ -426,7 +427,7 @@ class OutputWriter:
             self._write_config()
             _write_json(self.temp_dir / META_FILE, self._meta())
             self._write_index()  # last: its presence marks complete weights
-            _fsync_dir(self.temp_dir)
+            fsync_path(self.temp_dir)
             self._publish()
         except BaseException:
             self.abort()
@@ -554,8 +555,8 @@ class OutputWriter:
             except BaseException:
                 os.rename(old, out)
                 raise
-            _fsync_dir(parent)
+            fsync_path(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.temp_dir, out)
-            _fsync_dir(parent)
+            fsync_path(parent)

@@ -23,7 +23,7 @@ from neuqi.checkpoint import Checkpoint
 from neuqi.errors import UserError
 from neuqi.loader import DequantLinear, NeuqiOutput
 from neuqi.output import HESSIAN_FILE
-from neuqi.output import _fsync_dir as _fsync  # fsync a file or a folder, best effort
+from neuqi.output import fsync_path
 
 __all__ = [
     "AtomicTarget",
@@ -193,8 +193,8 @@ class AtomicTarget:
     def publish(self) -> Path:
         if self.folder:
             for f in self.temp.iterdir():
-                _fsync(f)
-        _fsync(self.temp)
+                fsync_path(f)
+        fsync_path(self.temp)
         if self.path.exists() or self.path.is_symlink():
             old = self.path.with_name(f"{self.path.name}.old-{secrets.token_hex(8)}")
             os.rename(self.path, old)
@@ -206,7 +206,7 @@ class AtomicTarget:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
             os.rename(self.temp, self.path)
-        _fsync(self.path.parent)
+        fsync_path(self.path.parent)
         return self.path
 
     def abort(self) -> None:
