@@ -1,7 +1,7 @@
 """Does GPTQ's error compensation carry over from the calibration text to the evaluation text?
 
     python benchmarks/gptq_transfer.py [--layer 10] [--linears self_attn.q_proj,mlp.down_proj]
-        [--bits 3] [--group-size 64] [--nsamples 16] [--seqlen 512] [--eval-windows 2]
+        [--bits 3] [--group-size 64] [--nsamples 16[,64,...]] [--seqlen 512] [--eval-windows 2]
         [--damp 0.01,0.1] [--calib ../shared/data/pride-and-prejudice.txt]
         [--data ../shared/data/wikitext2-test.raw]
 
@@ -18,6 +18,10 @@ evaluation windows (the pipeline's `eval_windows`), then quantizes the weight W 
 and prints the relative output error ``||X (W - Ŵ)ᵀ||² / ||X Wᵀ||²`` on the calibration inputs (what
 GPTQ minimises) and on the evaluation inputs (what perplexity sees). Only the layers up to
 ``--layer`` are run. This measures one layer of the unquantized model, not the sequential job.
+
+Several ``--nsamples`` (comma-separated) repeat the measurement with that many calibration windows
+each, against the same evaluation inputs: how many calibration tokens GPTQ needs before its
+compensation carries over.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--linears", default="self_attn.q_proj,mlp.down_proj")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--nsamples", default="16")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-windows", type=int, default=2)
@@ -95,32 +99,36 @@ def main() -> None:
     path = ensure_smollm2()
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    cal = calibration_windows(tokenizer, load_calibration_text(args.calib), args.nsamples, args.seqlen,
-                              args.seed)
     ev = eval_windows(tokenizer, read_eval_text(args.data), args.eval_seqlen, args.eval_windows)
-    x_cal = capture(model, args.layer, linears, cal)
     x_ev = capture(model, args.layer, linears, ev)
+    text = load_calibration_text(args.calib)
+    counts = [int(n) for n in args.nsamples.split(",") if n.strip()]
 
     print(f"SmolLM2-135M layer {args.layer}, w{args.bits} g{args.group_size}; calibration "
-          f"{cal.numel()} tokens of {args.calib.name}, evaluation {ev.numel()} tokens of "
-          f"{args.data.name}\n")
-    print("| linear | method | calibration error | evaluation error |")
-    print("|---|---|---|---|")
-    for name in linears:
-        w = model.model.layers[args.layer].get_submodule(name).weight.float()
-        xc, xe = x_cal[name], x_ev[name]
-        hessian = xc.T @ xc / xc.shape[0]
-        h = hessian.diag() + 0.01 * hessian.diag().mean()
-        for method in ("minmax", "neuqi"):
-            q = quantize_tensor(w, h, bits=args.bits, group_size=args.group_size, method=method)
-            rows = [(method, q.dequantize())]
-            for damp in damps:
-                r = gptq_quantize(w, hessian, q.scale, q.zero_point, bits=args.bits,
-                                  group_size=args.group_size, damp=damp)
-                rows.append((f"{method}+gptq (damp {damp:g})", r.dequantize()))
-            for label, wq in rows:
-                print(f"| {name} | {label} | {relative_error(w, wq, xc):.5f} | "
-                      f"{relative_error(w, wq, xe):.5f} |", flush=True)
+          f"{'/'.join(str(n) for n in counts)} windows of {args.seqlen} tokens of "
+          f"{args.calib.name}, evaluation {ev.numel()} tokens of {args.data.name}\n")
+    print("| calibration tokens | linear | method | calibration error | evaluation error |")
+    print("|---|---|---|---|---|")
+    for count in counts:
+        cal = calibration_windows(tokenizer, text, count, args.seqlen, args.seed)
+        x_cal = capture(model, args.layer, linears, cal)
+        for name in linears:
+            w = model.model.layers[args.layer].get_submodule(name).weight.float()
+            xc, xe = x_cal[name], x_ev[name]
+            hessian = xc.T @ xc / xc.shape[0]
+            h = hessian.diag() + 0.01 * hessian.diag().mean()
+            for method in ("minmax", "neuqi"):
+                q = quantize_tensor(w, h, bits=args.bits, group_size=args.group_size,
+                                    method=method)
+                rows = [(method, q.dequantize())]
+                for damp in damps:
+                    r = gptq_quantize(w, hessian, q.scale, q.zero_point, bits=args.bits,
+                                      group_size=args.group_size, damp=damp)
+                    rows.append((f"{method}+gptq (damp {damp:g})", r.dequantize()))
+                for label, wq in rows:
+                    print(f"| {cal.numel()} | {name} | {label} | {relative_error(w, wq, xc):.5f} | "
+                          f"{relative_error(w, wq, xe):.5f} |", flush=True)
+        del x_cal
 
 
 if __name__ == "__main__":
