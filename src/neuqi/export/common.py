@@ -22,8 +22,7 @@ import torch
 from neuqi.checkpoint import Checkpoint
 from neuqi.errors import UserError
 from neuqi.loader import DequantLinear, NeuqiOutput
-from neuqi.output import HESSIAN_FILE
-from neuqi.output import fsync_path
+from neuqi.output import HESSIAN_FILE, fsync_path
 
 __all__ = [
     "AtomicTarget",

@@ -27,8 +27,7 @@ from neuqi.stages.distill import load_distilled_norms, run_distill, run_forward_
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import forward_rows
 from neuqi.stages.gptq import hessian_name, read_hessian, run_gptq_solve
-from neuqi.stages.gptq import write_hessian as write_full_hessian
-from neuqi.stages.hessian import BatchSums, batch_sums
+from neuqi.stages.hessian import BatchSums, batch_sums, write_full_hessians
 from neuqi.stages.solve import run_solve
 
 # Fault injection for the crash tests: SIGKILL this process after that many completion records.
@@ -83,9 +82,7 @@ def hessian_task(
     sums = batch_sums(store, layer_index, layer, ckpt.arch, rotary, config.batch_size, dev,
                       starts, full)
     if full is not None:  # the runner gives a GPTQ job's Hessian all batches in one task
-        for group, hessian in full.items():
-            tokens = sum(part[group][1] for part in sums)
-            write_full_hessian(store, hessian_name(layer_index, group), hessian.div_(tokens))
+        write_full_hessians(store, layer_index, full, sums)
     return sums
 
 

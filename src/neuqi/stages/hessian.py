@@ -21,7 +21,8 @@ from torch import nn
 from neuqi.models import ArchSpec, layer_forward, position_embeddings_for
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import acts_name, h_name
-from neuqi.stages.gptq import accumulate_hessian
+from neuqi.stages.gptq import accumulate_hessian, hessian_name
+from neuqi.stages.gptq import write_hessian as write_full_hessian
 
 DAMPING = 0.01  # fraction of the mean diagonal added to every h_j (design note, section 2)
 
@@ -89,11 +90,31 @@ def write_hessian(
     return names
 
 
+def write_full_hessians(
+    store: JobStore, layer_index: int, full: dict[str, torch.Tensor], sums: list[BatchSums]
+) -> list[str]:
+    """Store each input group's full Hessian ``XᵀX / tokens`` (GPTQ), from the ``full`` sums that
+    :func:`batch_sums` accumulated over every batch of ``sums``."""
+    names = []
+    for group, hessian in full.items():
+        tokens = sum(part[group][1] for part in sums)
+        name = hessian_name(layer_index, group)
+        write_full_hessian(store, name, hessian.div_(tokens))
+        names.append(name)
+    return names
+
+
 def run_hessian(
     store: JobStore, layer_index: int, layer: nn.Module, arch: ArchSpec, rotary: nn.Module,
-    batch_size: int, device: torch.device,
+    batch_size: int, device: torch.device, full: bool = False,
 ) -> list[str]:
-    """The whole stage in this process: every batch, then the reduction."""
+    """The whole stage in this process: every batch, then the reduction; with ``full`` (GPTQ)
+    the full Hessians are stored too."""
     starts = batch_starts(store.array_shape(acts_name(layer_index))[0], batch_size)
-    sums = batch_sums(store, layer_index, layer, arch, rotary, batch_size, device, starts)
-    return write_hessian(store, layer_index, arch, sums)
+    hessians: dict[str, torch.Tensor] | None = {} if full else None
+    sums = batch_sums(store, layer_index, layer, arch, rotary, batch_size, device, starts,
+                      hessians)
+    names = write_hessian(store, layer_index, arch, sums)
+    if hessians is not None:
+        names += write_full_hessians(store, layer_index, hessians, sums)
+    return names
