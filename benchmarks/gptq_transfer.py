@@ -38,6 +38,7 @@ from neuqi.demo_model import ensure_smollm2
 from neuqi.evaluate import eval_windows, read_eval_text
 from neuqi.gptq import gptq_quantize
 from neuqi.solver import quantize_tensor
+from neuqi.stages.hessian import DAMPING
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -116,7 +117,7 @@ def main() -> None:
             w = model.model.layers[args.layer].get_submodule(name).weight.float()
             xc, xe = x_cal[name], x_ev[name]
             hessian = xc.T @ xc / xc.shape[0]
-            h = hessian.diag() + 0.01 * hessian.diag().mean()
+            h = hessian.diag() + DAMPING * hessian.diag().mean()
             for method in ("minmax", "neuqi"):
                 q = quantize_tensor(w, h, bits=args.bits, group_size=args.group_size,
                                     method=method)

@@ -218,7 +218,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "quality")
-    parser.add_argument("--force", action="store_true", help="redo the rows of --settings x --methods already measured (the fp row is kept)")
+    parser.add_argument("--force", action="store_true",
+                        help="redo the rows of --settings x --methods already measured "
+                             "(the fp row is kept)")
     parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite quality.md and quality.png from the stored rows")
