@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Self
 import torch
 
 from neuqi import faults
+from neuqi.durable import fsync
 from neuqi.errors import UserError
 from neuqi.packing import pack_codes
 
@@ -126,28 +127,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder, best effort (some platforms have no folder descriptors)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -383,7 +362,7 @@ class OutputWriter:
         faults.charge(self._buffer_bytes, path)
         save_file(self._buffer, str(path), metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_umask())  # as readable as the other files of the output
-        _fsync_file(path)
+        fsync(path)
         faults.output_file_written(path)
         self._shards.append(file_name)
         for key in self._buffer:
@@ -427,7 +406,7 @@ class OutputWriter:
             self._write_config()
             _write_json(self.temp_dir / META_FILE, self._meta())
             self._write_index()  # last: its presence marks complete weights
-            fsync_path(self.temp_dir)
+            fsync(self.temp_dir, directory=True)
             self._publish()
         except BaseException:
             self.abort()
@@ -462,7 +441,7 @@ class OutputWriter:
         path = self.temp_dir / HESSIAN_FILE
         save_file(dict(sorted(self._hessian.items())), str(path), metadata={"format": "pt"})
         os.chmod(path, 0o666 & ~_umask())
-        _fsync_file(path)
+        fsync(path)
 
     def _write_index(self) -> None:
         weight_map = {key: self._shards[i] for key, i in sorted(self._shard_of.items())}
@@ -510,7 +489,7 @@ class OutputWriter:
                 dest = self.temp_dir / name
                 faults.charge(path.stat().st_size, dest)
                 shutil.copyfile(path, dest)  # follows symlinks (hub cache blobs)
-                _fsync_file(dest)
+                fsync(dest)
                 faults.output_file_written(dest)
 
     def _meta(self) -> dict[str, Any]:
@@ -555,8 +534,8 @@ class OutputWriter:
             except BaseException:
                 os.rename(old, out)
                 raise
-            fsync_path(parent)
+            fsync(parent, directory=True)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.temp_dir, out)
-            fsync_path(parent)
+            fsync(parent, directory=True)

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from neuqi.checkpoint import Checkpoint
+from neuqi.durable import fsync
 from neuqi.errors import UserError
 from neuqi.loader import DequantLinear, NeuqiOutput
-from neuqi.output import HESSIAN_FILE, fsync_path
+from neuqi.output import HESSIAN_FILE
 
 __all__ = [
     "AtomicTarget",
@@ -192,8 +193,8 @@ class AtomicTarget:
     def publish(self) -> Path:
         if self.folder:
             for f in self.temp.iterdir():
-                fsync_path(f)
-        fsync_path(self.temp)
+                fsync(f)
+        fsync(self.temp, directory=self.folder)
         if self.path.exists() or self.path.is_symlink():
             old = self.path.with_name(f"{self.path.name}.old-{secrets.token_hex(8)}")
             os.rename(self.path, old)
@@ -205,7 +206,7 @@ class AtomicTarget:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
             os.rename(self.temp, self.path)
-        fsync_path(self.path.parent)
+        fsync(self.path.parent, directory=True)
         return self.path
 
     def abort(self) -> None:

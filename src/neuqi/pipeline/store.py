@@ -19,62 +19,50 @@ half-written. The root ``zarr.json`` is written once, when the store is created.
 
 Only local folders are supported (a ``file://`` URL is accepted): the durability guarantees rest
 on ``fsync``, ``rename`` and process ids of this host.
+
+The pieces, one module each: :mod:`neuqi.pipeline.manifest` (the root ``zarr.json``, the format
+version, the manifest check), :mod:`neuqi.pipeline.lock` (the writer lock),
+:mod:`neuqi.pipeline.arrays` (tensors as zarr arrays), :mod:`neuqi.durable` (fsync, atomic JSON).
+This module holds the completion records and the array operations, behind :class:`JobStore`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import errno
 import json
 import os
 import re
 import shutil
-import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import zarr
 from zarr.storage import LocalStore
 
 from neuqi import faults
-from neuqi.errors import UserError
-
-try:  # POSIX only; without it the stale-lock takeover is merely less race-proof.
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from neuqi.durable import fsync, fsync_dirs_up, now, read_json, write_json_atomic
+from neuqi.pipeline import arrays as arr
+from neuqi.pipeline.lock import WriterLock
+from neuqi.pipeline.manifest import (
+    FORMAT_VERSION,
+    create_root,
+    local_root,
+    normalize,
+    read_manifest,
+    refuse_other,
+)
 
 __all__ = ["FORMAT_VERSION", "JobStore"]
 
-#: Version of the store layout, saved in the root attributes.
-FORMAT_VERSION = 1
-
-_MARKER = "neuqi_job_store"
 _ARRAYS = "arrays"
 _DONE = "done"
 _TRASH = ".trash"
-_LOCK = "LOCK"
-_GUARD = "LOCK.guard"
-
-#: Default chunk size when chunking along the first axis.
-_TARGET_CHUNK_BYTES = 64 * 2**20
-
-# Torch dtypes numpy lacks: stored as an unsigned integer view of the same width.
-_VIEW_DTYPES: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.uint16}
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-    if hasattr(torch, _name):
-        _VIEW_DTYPES[getattr(torch, _name)] = torch.uint8
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _BAD_SUFFIXES = (".json", ".tmp", ".partial")
-
-
-# ----------------------------------------------------------------------------- small helpers
 
 
 def _check_name(name: str, what: str) -> str:
@@ -100,204 +88,6 @@ def _natural_key(text: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
 
 
-def _fsync(path: Path, *, directory: bool = False) -> None:
-    """fsync one file or directory (directories: tolerate filesystems that refuse it)."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if not directory or exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_dirs_up(start: Path, stop: Path) -> None:
-    """fsync ``start`` and each parent directory up to and including ``stop``."""
-    d = start
-    while True:
-        _fsync(d, directory=True)
-        if d == stop or d.parent == d:
-            break
-        d = d.parent
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a fsync'd temporary file and a rename: never seen half-written."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    try:
-        faults.charge(len(data), path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync(path.parent, directory=True)
-
-
-def _read_json(path: Path) -> Any | None:
-    """The JSON in ``path``, or None when it does not exist."""
-    try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise TypeError(f"unknown torch dtype {dtype!r}")
-    return value
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype a tensor of ``dtype`` is stored as."""
-    stored = _VIEW_DTYPES.get(dtype, dtype)
-    try:
-        return torch.empty((), dtype=stored).numpy().dtype
-    except TypeError as exc:
-        raise ValueError(f"tensors of dtype {dtype} cannot be stored in a job store") from exc
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    t = tensor.detach().to("cpu").contiguous()
-    if t.dtype in _VIEW_DTYPES:
-        t = t.view(_VIEW_DTYPES[t.dtype])
-    return t.numpy()
-
-
-def _from_numpy(array: Any, dtype: torch.dtype) -> torch.Tensor:
-    arr = np.asarray(array)  # zarr gives a numpy scalar for 0-d arrays
-    if not arr.flags.c_contiguous:
-        arr = arr.copy(order="C")
-    t = torch.from_numpy(arr)
-    return t.view(dtype) if dtype in _VIEW_DTYPES else t
-
-
-def _default_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Chunk along the first axis only, about ``_TARGET_CHUNK_BYTES`` per chunk."""
-    if not shape:
-        return ()
-    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
-    rows = max(1, _TARGET_CHUNK_BYTES // max(row_bytes, 1))
-    return (max(1, min(shape[0], rows)), *(max(1, s) for s in shape[1:]))
-
-
-def _normalize_chunks(
-    chunks: int | Iterable[int] | None, shape: tuple[int, ...], itemsize: int
-) -> tuple[int, ...]:
-    if chunks is None:
-        return _default_chunks(shape, itemsize)
-    if isinstance(chunks, int):
-        if not shape:
-            return ()
-        return (max(1, chunks), *(max(1, s) for s in shape[1:]))
-    out = tuple(int(c) for c in chunks)
-    if len(out) != len(shape) or any(c < 1 for c in out):
-        raise ValueError(f"chunks {out} do not fit an array of shape {shape}")
-    return out
-
-
-def _write_head(z: zarr.Array, data: np.ndarray, start: int = 0) -> None:
-    """Write the first half of ``data``'s rows at ``start`` (a torn write, for fault injection)."""
-    if data.ndim == 0:
-        return
-    half = (len(data) + 1) // 2
-    z[start : start + half] = data[:half]
-
-
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process, from /proc; None where unavailable."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int, proc_start: int | None = None) -> bool:
-    """Whether process ``pid`` of this host runs (zombies and reused pids count as dead)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    stat = _proc_stat(pid)
-    if stat is not None:
-        state, start = stat
-        if state in ("Z", "X"):
-            return False
-        if proc_start is not None and start != proc_start:
-            return False  # the pid was reused by another process
-    return True
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _show(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _manifest_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``["bits 4 -> 3", ...]`` for every (dotted) key whose value differs."""
-    a, b = _flatten(old), _flatten(new)
-    missing = object()
-    diffs = []
-    for key in [*a, *(k for k in b if k not in a)]:
-        va, vb = a.get(key, missing), b.get(key, missing)
-        if va != vb:
-            sa = "(unset)" if va is missing else _show(va)
-            sb = "(unset)" if vb is missing else _show(vb)
-            diffs.append(f"{key} {sa} -> {sb}")
-    return diffs
-
-
-def _local_root(path: str | Path) -> Path:
-    text = str(path)
-    if "://" in text:
-        if not text.startswith("file://"):
-            raise UserError(
-                f"job store {text}: only local folders are supported; give a folder path"
-            )
-        text = text.removeprefix("file://")
-    return Path(text).expanduser().absolute()
-
-
 # ----------------------------------------------------------------------------- the store
 
 
@@ -314,7 +104,7 @@ class JobStore:
         self._root = root
         self._display = display
         self._manifest = manifest
-        self._lock_token: str | None = None
+        self._lock = WriterLock(root, display)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -325,100 +115,24 @@ class JobStore:
         Raises UserError when the store was made with a different manifest, or when ``path`` is
         a non-empty folder (or a file) that is not a job store.
         """
-        root = _local_root(path)
+        root = local_root(path)
         display = str(path)
-        try:
-            normalized = json.loads(json.dumps(manifest))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"the manifest must be JSON-serializable: {exc}") from exc
-        if not isinstance(normalized, dict):
-            raise TypeError("the manifest must be a dict")
-        stored = cls._read_manifest(root, display, must_exist=False)
+        normalized = normalize(manifest)
+        stored = read_manifest(root, display, must_exist=False)
         if stored is None:
-            cls._create(root, normalized)
+            create_root(root, normalized)
             return cls(root, display, normalized)
-        if stored != normalized:
-            diffs = _manifest_diff(stored, normalized)
-            if len(diffs) > 8:
-                diffs = [*diffs[:8], f"and {len(diffs) - 8} more"]
-            raise UserError(
-                f"job store {display} was made with different options: {', '.join(diffs)}; "
-                "use another --job folder or delete it"
-            )
+        refuse_other(stored, normalized, display)
         return cls(root, display, stored)
 
     @classmethod
     def open_existing(cls, path: str | Path) -> JobStore:
         """Open an existing job store (for resume / status); UserError if it is not one."""
-        root = _local_root(path)
+        root = local_root(path)
         display = str(path)
-        manifest = cls._read_manifest(root, display, must_exist=True)
+        manifest = read_manifest(root, display, must_exist=True)
         assert manifest is not None
         return cls(root, display, manifest)
-
-    @staticmethod
-    def _read_manifest(root: Path, display: str, *, must_exist: bool) -> dict[str, Any] | None:
-        """The stored manifest; None for a missing or empty folder (unless ``must_exist``)."""
-        if root.exists() and not root.is_dir():
-            raise UserError(f"job store {display} is a file, not a folder: give a folder path")
-        meta_path = root / "zarr.json"
-        try:
-            meta = _read_json(meta_path)
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"job store {display} has an unreadable zarr.json ({exc}): "
-                "delete the folder to start over"
-            ) from exc
-        if meta is None:
-            if must_exist:
-                raise UserError(
-                    f"{display} is not a neuqi job store (no zarr.json): give the folder of a "
-                    "previous run's --job"
-                )
-            entries = list(root.iterdir()) if root.is_dir() else []
-            if any(not e.name.endswith(".partial") for e in entries):
-                raise UserError(
-                    f"{display} is a non-empty folder but not a neuqi job store: "
-                    "use a new or empty --job folder"
-                )
-            return None
-        attrs = meta.get("attributes") if isinstance(meta, dict) else None
-        if (
-            not isinstance(attrs, dict)
-            or meta.get("zarr_format") != 3
-            or meta.get("node_type") != "group"
-            or _MARKER not in attrs
-        ):
-            raise UserError(
-                f"{display} is a zarr store but not a neuqi job store: use another --job folder"
-            )
-        if attrs[_MARKER] != FORMAT_VERSION:
-            raise UserError(
-                f"job store {display} has format {attrs[_MARKER]!r}, this neuqi reads "
-                f"{FORMAT_VERSION}: use the neuqi version that made it, or another --job folder"
-            )
-        manifest = attrs.get("manifest")
-        if not isinstance(manifest, dict):
-            raise UserError(
-                f"job store {display} has no manifest in zarr.json: delete the folder to start over"
-            )
-        return manifest
-
-    @staticmethod
-    def _create(root: Path, manifest: dict[str, Any]) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        zarr.create_group(
-            LocalStore(root),
-            attributes={_MARKER: FORMAT_VERSION, "manifest": manifest},
-            zarr_format=3,
-        )
-        _fsync(root / "zarr.json")
-        _fsync_dirs_up(root, root.parent)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_lock_token"] = None  # a copy never owns the lock
-        return state
 
     def __repr__(self) -> str:
         return f"JobStore({self._display!r})"
@@ -459,20 +173,20 @@ class JobStore:
             self.sync(name)
         path = self._record_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"key": key.strip("/"), "done_at": _now(), "arrays": names, "info": info or {}}
-        _write_json_atomic(path, record)
-        _fsync_dirs_up(path.parent, self._root)
+        record = {"key": key.strip("/"), "done_at": now(), "arrays": names, "info": info or {}}
+        write_json_atomic(path, record)
+        fsync_dirs_up(path.parent, self._root)
 
     def unmark(self, key: str) -> None:
         """Remove the completion record ``key`` (no error if absent), so the work is redone."""
         path = self._record_path(key)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-            _fsync(path.parent, directory=True)
+            fsync(path.parent, directory=True)
 
     def record(self, key: str) -> dict[str, Any] | None:
         """The completion record ``key`` (``{"key", "done_at", "arrays", "info"}``), or None."""
-        return _read_json(self._record_path(key))
+        return read_json(self._record_path(key))
 
     def records(self, prefix: str = "") -> dict[str, dict[str, Any]]:
         """All completion records whose key is ``prefix`` or lies under it, in natural order."""
@@ -481,7 +195,7 @@ class JobStore:
         out: dict[str, dict[str, Any]] = {}
         if prefix:
             own = done / (prefix + ".json")
-            rec = _read_json(own) if own.is_file() else None
+            rec = read_json(own) if own.is_file() else None
             if rec is not None:
                 out[prefix] = rec
         top = done / prefix if prefix else done
@@ -493,7 +207,7 @@ class JobStore:
                     continue
                 key = fname.removesuffix(".json")
                 key = key if rel == "." else f"{rel}/{key}"
-                rec = _read_json(Path(dirpath) / fname)
+                rec = read_json(Path(dirpath) / fname)
                 if rec is not None:
                     out[key] = rec
         return {k: out[k] for k in sorted(out, key=_natural_key)}
@@ -530,7 +244,7 @@ class JobStore:
         """Whether an array ``name`` exists (possibly not fully written: check its record)."""
         meta_path = self._array_dir(_check_name(name, "array name")) / "zarr.json"
         try:
-            meta = _read_json(meta_path)
+            meta = read_json(meta_path)
         except (OSError, ValueError):
             return False
         return isinstance(meta, dict) and meta.get("node_type") == "array"
@@ -549,10 +263,10 @@ class JobStore:
         chunks: two writers of one chunk corrupt it.
         """
         name = _check_name(name, "array name")
-        tdtype = _torch_dtype(dtype)
-        ndtype = _numpy_dtype(tdtype)
+        tdtype = arr.torch_dtype(dtype)
+        ndtype = arr.numpy_dtype(tdtype)
         shape_t = tuple(int(s) for s in shape)
-        chunk_t = _normalize_chunks(chunks, shape_t, ndtype.itemsize)
+        chunk_t = arr.normalize_chunks(chunks, shape_t, ndtype.itemsize)
         self.delete(name)
         zarr.create_array(
             self._zstore(),
@@ -561,7 +275,7 @@ class JobStore:
             dtype=ndtype,
             chunks=chunk_t,
             compressors=None,
-            attributes={"torch_dtype": _dtype_name(tdtype)},
+            attributes={"torch_dtype": arr.dtype_name(tdtype)},
             zarr_format=3,
             overwrite=True,
         )
@@ -571,17 +285,17 @@ class JobStore:
     ) -> None:
         """Store ``tensor`` as array ``name``, replacing any existing array of that name."""
         self.create_array(name, tensor.shape, tensor.dtype, chunks)
-        data = _to_numpy(tensor)
+        data = arr.to_numpy(tensor)
         if data.size:
             z = self._open(name, "r+")
             faults.charge(data.nbytes, self._array_dir(name))
-            faults.array_write(name, lambda: _write_head(z, data))
+            faults.array_write(name, lambda: arr.write_head(z, data))
             z[...] = data
 
     def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Write ``tensor`` into rows ``start : start + len(tensor)`` of array ``name``."""
         z = self._open(name, "r+")
-        want = _torch_dtype(z.attrs["torch_dtype"])
+        want = arr.torch_dtype(z.attrs["torch_dtype"])
         if tensor.dtype != want:
             raise ValueError(f"write_rows({name!r}): tensor is {tensor.dtype}, the array {want}")
         if tuple(tensor.shape[1:]) != tuple(z.shape[1:]) or not 0 <= start <= z.shape[0] - len(
@@ -592,9 +306,9 @@ class JobStore:
                 f"{tuple(tensor.shape)} do not fit the array's shape {z.shape}"
             )
         if tensor.numel():
-            data = _to_numpy(tensor)
+            data = arr.to_numpy(tensor)
             faults.charge(data.nbytes, self._array_dir(name))
-            faults.array_write(name, lambda: _write_head(z, data, start))
+            faults.array_write(name, lambda: arr.write_head(z, data, start))
             z[start : start + len(tensor)] = data
 
     def read_array(
@@ -602,9 +316,9 @@ class JobStore:
     ) -> torch.Tensor:
         """Read array ``name`` (or only ``rows`` of it) as a tensor of its original dtype."""
         z = self._open(name)
-        dtype = _torch_dtype(z.attrs["torch_dtype"])
+        dtype = arr.torch_dtype(z.attrs["torch_dtype"])
         data = z[...] if rows is None else z[rows]
-        return _from_numpy(data, dtype).to(device)
+        return arr.from_numpy(data, dtype).to(device)
 
     def array_shape(self, name: str) -> tuple[int, ...]:
         """Shape of array ``name``."""
@@ -612,7 +326,7 @@ class JobStore:
 
     def array_dtype(self, name: str) -> torch.dtype:
         """Torch dtype of array ``name``."""
-        return _torch_dtype(self._open(name).attrs["torch_dtype"])
+        return arr.torch_dtype(self._open(name).attrs["torch_dtype"])
 
     def array_names(self, prefix: str = "") -> list[str]:
         """Names of all arrays at or under ``prefix``, in natural order."""
@@ -624,7 +338,7 @@ class JobStore:
             d = Path(dirpath)
             meta = None
             with contextlib.suppress(OSError, ValueError):
-                meta = _read_json(d / "zarr.json")
+                meta = read_json(d / "zarr.json")
             if isinstance(meta, dict) and meta.get("node_type") == "array":
                 names.append(d.relative_to(base).as_posix())
                 dirnames[:] = []  # chunks, not children
@@ -637,9 +351,9 @@ class JobStore:
         top = self._array_dir(_check_name(name, "array name"))
         for dirpath, _, filenames in os.walk(top):
             for fname in filenames:
-                _fsync(Path(dirpath) / fname)
-            _fsync(Path(dirpath), directory=True)
-        _fsync_dirs_up(top.parent, self._root)
+                fsync(Path(dirpath) / fname)
+            fsync(Path(dirpath), directory=True)
+        fsync_dirs_up(top.parent, self._root)
 
     def delete(self, name: str) -> None:
         """Delete array ``name`` (or every array under group ``name``); no error if absent.
@@ -697,42 +411,15 @@ class JobStore:
                         removed += 1
         return removed
 
-    # -- the writer lock ------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Serialize lock acquisitions among processes of this host (kernel-released flock)."""
-        if fcntl is None:
-            yield
-            return
-        with open(self._root / _GUARD, "a") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            except OSError:  # filesystem without flock: best effort
-                yield
-                return
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    # -- the writer lock (neuqi.pipeline.lock) --------------------------------------------
 
     def lock_info(self) -> dict[str, Any] | None:
         """The current LOCK contents (``pid``, ``host``, ``started``), or None if unlocked."""
-        try:
-            info = _read_json(self._root / _LOCK)
-        except (OSError, ValueError):
-            return {"pid": None, "host": None, "started": None}
-        return info if isinstance(info, dict) else None
+        return self._lock.info()
 
     def lock_is_live(self) -> bool:
         """Whether some process (this one included) holds a live lock on this store."""
-        info = self.lock_info()
-        if info is None:
-            return False
-        if info.get("host") != socket.gethostname():
-            return True
-        pid = info.get("pid")
-        return isinstance(pid, int) and _pid_alive(pid, info.get("proc_start"))
+        return self._lock.is_live()
 
     def acquire_lock(self) -> None:
         """Become the one writer of this store, then :meth:`recover` its debris.
@@ -740,80 +427,17 @@ class JobStore:
         UserError if a live process holds the lock (or one on another host, whose liveness can't
         be checked). A stale lock (its process gone, same host) is taken over.
         """
-        if self._lock_token is not None:
-            return
-        lock = self._root / _LOCK
-        host = socket.gethostname()
-        token = uuid.uuid4().hex
-        stat = _proc_stat(os.getpid())
-        mine = {
-            "pid": os.getpid(),
-            "host": host,
-            "started": _now(),
-            "proc_start": stat[1] if stat else None,
-            "token": token,
-        }
-        with self._guard():
-            info = self.lock_info()
-            if info is not None:
-                pid, other_host, started = info.get("pid"), info.get("host"), info.get("started")
-                if pid is None:
-                    raise UserError(
-                        f"job store {self._display} has an unreadable LOCK file: if no neuqi "
-                        f"process uses it, delete {self._display}/LOCK"
-                    )
-                if other_host != host:
-                    raise UserError(
-                        f"job store {self._display} is in use by process {pid} on {other_host} "
-                        f"(started {started}): wait for it or stop it; if it is gone, delete "
-                        f"{self._display}/LOCK"
-                    )
-                if isinstance(pid, int) and _pid_alive(pid, info.get("proc_start")):
-                    raise UserError(
-                        f"job store {self._display} is in use by process {pid} on {other_host} "
-                        f"(started {started}): wait for it or stop it"
-                    )
-            # Free, or stale: write ours to a temporary file and rename it over the old LOCK.
-            # The guard makes the check-and-replace atomic among acquirers; without a guard
-            # (no flock), a fresh LOCK is still created exclusively by os.link.
-            tmp = self._root / f".LOCK.{token}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(mine, f)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                if info is None:
-                    try:
-                        os.link(tmp, lock)
-                    except FileExistsError:
-                        raise UserError(
-                            f"job store {self._display} was just locked by another process: "
-                            "wait for it or stop it"
-                        ) from None
-                else:
-                    os.replace(tmp, lock)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-            _fsync(self._root, directory=True)
-            self._lock_token = token
+        if self._lock.acquire():
             self.recover()
 
     def release_lock(self) -> None:
         """Give up the lock if this object holds it (removes LOCK)."""
-        if self._lock_token is None:
-            return
-        with self._guard():
-            info = self.lock_info()
-            if info is not None and info.get("token") == self._lock_token:
-                (self._root / _LOCK).unlink()
-                _fsync(self._root, directory=True)
-        self._lock_token = None
+        self._lock.release()
 
     @property
     def holds_lock(self) -> bool:
         """Whether this object holds the writer lock."""
-        return self._lock_token is not None
+        return self._lock.held
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[JobStore]:
