@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from neuqi.architectures import ArchSpec, arch_for
 from neuqi.errors import UserError
-from neuqi.models import ArchSpec, arch_for
 from neuqi.safety import check_path_fields
 
 __all__ = ["HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
@@ -140,7 +140,7 @@ class Checkpoint:
     """A local Hugging Face checkpoint (config.json + safetensors), validated when opened.
 
     Attributes: ``path`` (the folder), ``config`` (transformers config, attention set to SDPA),
-    ``arch`` (:class:`~neuqi.models.ArchSpec`).
+    ``arch`` (:class:`~neuqi.architectures.ArchSpec`).
     """
 
     path: Path
