@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 from importlib import resources
 from pathlib import Path
@@ -120,3 +121,7 @@ def calibration_windows(
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)
     ids = enc["input_ids"].reshape(-1).to(torch.int64)
     return sample_windows(ids, nsamples, seqlen, seed)
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -263,7 +263,7 @@ def perplexity(
     (seqlen - 1)), "seqlen"}``. Progress goes to ``console`` (default: stderr). UserError for a
     missing or non-text data file, a text shorter than one window, or bad sizes.
     """
-    from neuqi.pipeline.executor import resolve_device
+    from neuqi.devices import resolve_device
 
     console = console or Console(stderr=True)
     _check_sizes(seqlen, max_windows, batch_size)

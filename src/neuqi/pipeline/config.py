@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,3 @@ def default_job_dir(out: str | Path) -> Path:
     """The job store beside ``--out``: ``<out>.job``."""
     out = Path(out).expanduser()
     return out.with_name(out.name + ".job")
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -27,6 +27,7 @@ from typing import Any, Protocol, Self, TypeVar
 import torch
 
 from neuqi.allocator import tune_allocator
+from neuqi.devices import resolve_device
 from neuqi.errors import UserError
 
 T = TypeVar("T")
@@ -36,17 +37,6 @@ T = TypeVar("T")
 RETRIES = 2
 _LOCAL = re.compile(r"local(?::(\d+))?")
 _CONNECT_TIMEOUT_S = 30
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device of this machine."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device {device}: choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 def check_scheduler(scheduler: str | None) -> None:

@@ -24,20 +24,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from neuqi.calib import calibration_windows, load_calibration_text
+from neuqi.calib import calibration_windows, load_calibration_text, text_sha256
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
+from neuqi.devices import resolve_device
 from neuqi.errors import UserError, disk_full_is_user_error
 from neuqi.models import LLAMA_LIKE
 from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline import tasks
-from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
+from neuqi.pipeline.config import QuantizeConfig, default_job_dir
 from neuqi.pipeline.executor import (
     Executor,
     InProcessExecutor,
     check_scheduler,
     is_remote,
     open_executor,
-    resolve_device,
 )
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
