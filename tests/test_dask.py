@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import distributed
 import pytest
 import torch
+from helpers import neuqi, one_line_error, output_files
 from rich.console import Console
 
 from neuqi.checkpoint import Checkpoint
@@ -30,15 +28,6 @@ OPTIONS = {"bits": 3, "group_size": 16, "nsamples": 5, "seqlen": 32, "batch_size
 def run(model: Path, out: Path, scheduler: str | None, **options: object) -> Path:
     config = QuantizeConfig(model=str(model), out=str(out), **{**OPTIONS, **options})
     return quantize(config, None, "cpu", Console(stderr=True, quiet=True), scheduler)
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    """Every file of an output folder, byte for byte, but the creation time in neuqi.json."""
-    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    meta = json.loads(files["neuqi.json"])
-    del meta["created"]["time"]
-    files["neuqi.json"] = json.dumps(meta, sort_keys=True).encode()
-    return files
 
 
 def in_process(model: Path, folder: Path, **options: object) -> dict[str, bytes]:
@@ -144,12 +133,7 @@ def test_cuda_on_a_cluster_without_gpu_workers_is_refused():
 
 
 def test_cli_refuses_a_bad_scheduler_in_one_line(tiny_llama: Path, tmp_path: Path):
-    r = subprocess.run(
-        [sys.executable, "-c", "from neuqi.cli import main; main()", "quantize", str(tiny_llama),
-         "--out", str(tmp_path / "out"), "--device", "cpu", "--scheduler", "lokal:2"],
-        check=False, capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 2, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--scheduler lokal:2" in lines[0], r.stderr
+    line = one_line_error(neuqi("quantize", str(tiny_llama), "--out", str(tmp_path / "out"),
+                                "--device", "cpu", "--scheduler", "lokal:2"))
+    assert "--scheduler lokal:2" in line
     assert not (tmp_path / "out.job").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pipeline import TINY, assert_bitwise_equal, neuqi, output_tensors
+from helpers import TINY, assert_bitwise_equal, neuqi, output_tensors
 
 from neuqi.distill import DistillSettings, QuantLinear, Trainer, lr_at, sample_index
 from neuqi.distill_e2e import KILL_AFTER_STEPS_ENV

@@ -3,47 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from helpers import TINY, assert_bitwise_equal, neuqi, one_line_error, output_tensors
 
 from neuqi.loader import load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import KILL_AFTER_ENV, quantize
-
-TINY = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "3", "--device", "cpu"]
-
-
-def neuqi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
-        check=False, capture_output=True, text=True, env={**os.environ, **(env or {})},
-        timeout=600,
-    )
-
-
-def output_tensors(out: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(out / shard, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                tensors[name] = f.get_tensor(name)
-    return tensors
-
-
-def assert_bitwise_equal(a: Path, b: Path) -> None:
-    ta, tb = output_tensors(a), output_tensors(b)
-    assert ta.keys() == tb.keys()
-    for name in ta:
-        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +90,6 @@ def test_mismatched_resume_is_refused(reference: Path, tiny_llama: Path):
     assert r.returncode == 2
     assert "different options" in r.stderr and "bits 3 -> 4" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 def test_unsupported_architecture(tiny_llama: Path, tmp_path: Path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pipeline import TINY, assert_bitwise_equal, neuqi, one_line_error, output_tensors
+from helpers import TINY, assert_bitwise_equal, neuqi, one_line_error, output_tensors
 
 from neuqi.gptq import DAMP
 from neuqi.loader import load_quantized

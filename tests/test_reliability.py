@@ -28,26 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import TINY, assert_same_output, neuqi, neuqi_cmd, one_line_error, output_files
 
 from neuqi import faults
 from neuqi.models import LLAMA_LIKE
 from neuqi.pipeline.store import JobStore
 
-TINY = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "3", "--device", "cpu"]
 OPTIONS = ["--bits", "3", "--group-size", "16", "--method", "neuqi-int", *TINY]
 LAYERS = 3  # tiny_llama
 BATCHES = 2  # ceil(nsamples / batch-size): row writes of each activation array
-
-
-def neuqi_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from neuqi.cli import main; main()", *args]
-
-
-def neuqi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        neuqi_cmd(*args), check=False, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=600,
-    )
 
 
 # A process that imports neuqi once and then forks one child per command: each child is a real
@@ -118,28 +107,6 @@ def forked(tmp_path_factory: pytest.TempPathFactory):
     zygote = Zygote(tmp_path_factory.mktemp("zygote"))
     yield zygote
     zygote.close()
-
-
-def output_files(out: Path) -> dict[str, bytes]:
-    """Every file of an output folder, byte for byte; neuqi.json without its creation time."""
-    files = {}
-    for path in sorted(out.rglob("*")):
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        if path.name == "neuqi.json":
-            meta = json.loads(data)
-            del meta["created"]["time"]
-            data = json.dumps(meta, sort_keys=True).encode()
-        files[path.relative_to(out).as_posix()] = data
-    return files
-
-
-def assert_same_output(out: Path, reference: Path) -> None:
-    got, want = output_files(out), output_files(reference)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name] == want[name], f"{name} differs from the uninterrupted run"
 
 
 @dataclass(frozen=True)
@@ -363,16 +330,6 @@ def rewrite_header(file: Path, edit: Callable[[dict], object]) -> None:
     edit(header)
     new = json.dumps(header).encode()
     file.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-
-
-def one_line_error(r: subprocess.CompletedProcess) -> str:
-    """The single stderr line of a refused command (exit 2, no traceback)."""
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def assert_nothing_written(out: Path) -> None:

@@ -1,0 +1,82 @@
+"""Helpers shared by the test files: running the real CLI, reading an output folder, comparing
+two outputs bit for bit. (Fixtures that build models live in conftest.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+#: Calibration small enough for the tiny models: 4 windows of 32 tokens, batches of 3.
+TINY = ["--nsamples", "4", "--seqlen", "32", "--batch-size", "3", "--device", "cpu"]
+
+
+def neuqi_cmd(*args: str) -> list[str]:
+    """The argv of a ``neuqi`` process (this interpreter, so the installed package is the one
+    under test)."""
+    return [sys.executable, "-c", "from neuqi.cli import main; main()", *args]
+
+
+def neuqi(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``neuqi ARGS`` as a real process; its exit code and output, never raising."""
+    return subprocess.run(
+        neuqi_cmd(*args), check=False, capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a refused command (exit 2, no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def output_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a neuqi output folder, by name."""
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(out / shard, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def assert_bitwise_equal(a: Path, b: Path) -> None:
+    """The two outputs hold the same tensors, bit for bit."""
+    ta, tb = output_tensors(a), output_tensors(b)
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file of an output folder, byte for byte; neuqi.json without its creation time."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if path.name == "neuqi.json":
+            meta = json.loads(data)
+            del meta["created"]["time"]
+            data = json.dumps(meta, sort_keys=True).encode()
+        files[path.relative_to(out).as_posix()] = data
+    return files
+
+
+def assert_same_output(out: Path, reference: Path) -> None:
+    """Every file of ``out`` equals the ``reference`` output's, byte for byte."""
+    got, want = output_files(out), output_files(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name] == want[name], f"{name} differs from the uninterrupted run"
