@@ -67,9 +67,11 @@ def test_missing_path(tmp_path: Path) -> None:
         load_calibration_text(missing)
 
 
-def test_hub_name_is_not_available_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_name_says_how_to_name_a_hub_dataset(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="hub are not available offline.*text file"):
+    with pytest.raises(UserError, match="does not exist; for a dataset of the hub write "
+                                        "hf:wikitext/wikitext-2-raw-v1"):
         load_calibration_text(Path("wikitext/wikitext-2-raw-v1"))
 
 

@@ -1,10 +1,14 @@
-"""Calibration data: load text (shipped, a file or a folder) and cut seeded token windows."""
+"""Calibration data: load text (shipped, files, records, datasets) and cut seeded token windows."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import json
 import re
+import socket
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,33 +53,235 @@ def read_text_file(
     return text.replace("\r\n", "\n")
 
 
-def load_calibration_text(path: Path | None) -> str:
-    """Return the calibration text: shipped text, a file, or a folder's ``*.txt`` files.
+#: Files read as records (one text per record, in the field ``--calib-field``).
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+#: Characters of a streamed hub dataset per calibration token needed (``hf:`` sources): twice
+#: what English text takes per token, so windows are still drawn from more text than they cover.
+HUB_CHARS_PER_TOKEN = 8
+_SOURCES = (
+    "a .txt file, a folder of .txt files, a .jsonl/.json/.parquet file (with --calib-field), a "
+    "datasets save_to_disk folder, or hf:NAME[:CONFIG][:SPLIT]"
+)
 
-    ``None`` gives the shipped text (Pride and Prejudice). A file is read as UTF-8. A folder
-    gives all its ``*.txt`` files (not recursive) in sorted name order, joined with ``"\\n\\n"``.
-    Raises UserError for a missing path, a non-text file, or a folder without ``*.txt`` files.
+
+def load_calibration_text(
+    source: str | Path | None, *, field: str = "text", max_chars: int | None = None
+) -> str:
+    """Return the calibration text from what a user has at hand.
+
+    ``source`` is one of: ``None`` (the shipped text, Pride and Prejudice); a text file (UTF-8);
+    a folder of ``*.txt`` files (not recursive, sorted by name); a ``.jsonl``, ``.json`` (a list
+    of records) or ``.parquet`` file, or a folder written by ``datasets.Dataset.save_to_disk``,
+    whose records' ``field`` holds the text; or ``hf:NAME[:CONFIG][:SPLIT]``, a dataset of the
+    hub read through ``datasets`` in streaming mode, stopping after ``max_chars`` characters.
+    Texts of several files or records are joined with ``"\n\n"``. Raises UserError for anything
+    that cannot be read, in one line naming the source and what to pass instead.
     """
-    if path is None:
+    if source is None:
         return _shipped_text()
-    path = Path(path)
+    text = str(source)
+    if text.startswith("hf:"):
+        return _hub_text(text, field, max_chars)
+    path = Path(text).expanduser()
     if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _join(_disk_dataset_texts(path, field), path)
         files = sorted((p for p in path.glob("*.txt") if p.is_file()), key=lambda p: p.name)
         if not files:
-            raise UserError(
-                f"--calib {path} is a folder without *.txt files: add .txt files or pass a text file"
-            )
+            raise UserError(f"--calib {path} is a folder without *.txt files: pass {_SOURCES}")
         return "\n\n".join(read_text_file(p) for p in files)
     if path.is_file():
+        if path.suffix.lower() in RECORD_SUFFIXES:
+            return _join(_record_texts(path, field), path)
         return read_text_file(path)
     if path.exists():
-        raise UserError(f"--calib {path} is not a regular file or folder: pass a text file")
+        raise UserError(f"--calib {path} is not a regular file or folder: pass {_SOURCES}")
     if _HUB_ID.match(path.as_posix()):
         raise UserError(
-            f"--calib {path} does not exist; datasets from the hub are not available offline: "
-            "pass a text file or a folder of .txt files"
+            f"--calib {path} does not exist; for a dataset of the hub write hf:{path} "
+            "(it needs the network or the local datasets cache)"
         )
-    raise UserError(f"--calib {path} does not exist: pass a text file or a folder of .txt files")
+    raise UserError(f"--calib {path} does not exist: pass {_SOURCES}")
+
+
+def stored_source(source: str | Path | None) -> str | None:
+    """``--calib`` as a job records it: a local path made absolute (so a resume works from any
+    folder), an ``hf:`` source as given."""
+    if source is None:
+        return None
+    text = str(source)
+    return text if text.startswith("hf:") else str(Path(text).expanduser().resolve())
+
+
+def hub_max_chars(nsamples: int, seqlen: int) -> int:
+    """How much of a streamed ``hf:`` dataset a run reads."""
+    return nsamples * seqlen * HUB_CHARS_PER_TOKEN
+
+
+def _join(texts: list[str], source: Path | str) -> str:
+    if not any(t.strip() for t in texts):
+        raise UserError(f"--calib {source} holds no text: its records are empty")
+    return "\n\n".join(texts)
+
+
+def _field_texts(rows: Any, field: str, source: Path | str, columns: list[str]) -> list[str]:
+    """The ``field`` of every row (dicts); UserError naming ``--calib-field`` if it is missing
+    or not text."""
+    if field not in columns:
+        shown = ", ".join(columns[:12]) or "none"
+        raise UserError(
+            f"--calib {source} has no field {field!r} (fields: {shown}): "
+            "name the text field with --calib-field"
+        )
+    texts = []
+    for row in rows:
+        value = row.get(field) if isinstance(row, dict) else None
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise UserError(
+                f"--calib {source}: field {field!r} holds {type(value).__name__}, not text: "
+                "name the text field with --calib-field"
+            )
+        texts.append(value)
+    return texts
+
+
+def _record_texts(path: Path, field: str) -> list[str]:
+    """Texts of a ``.jsonl``, ``.json`` or ``.parquet`` file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(
+                f"--calib {path}: reading parquet needs pyarrow: pip install 'neuqi[calib]'"
+            ) from None
+        try:
+            schema = pq.read_schema(path)
+            if field not in schema.names:
+                return _field_texts([], field, path, list(schema.names))
+            rows = pq.read_table(path, columns=[field]).to_pylist()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"--calib {path} is not a readable parquet file ({exc})") from None
+        return _field_texts(rows, field, path, [field])
+    raw = read_text_file(path, hint="pass UTF-8 JSON")
+    lines = enumerate(raw.splitlines(), 1) if suffix == ".jsonl" else [(0, raw)]
+    rows = []
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"--calib {path} is not valid {suffix[1:].upper()} "
+                f"(line {number or exc.lineno}: {exc.msg})"
+            ) from None
+    if suffix == ".json":
+        rows = rows[0] if rows else []
+    if suffix == ".json" and isinstance(rows, dict):
+        # {"field": [...]} (columns) as well as [{"field": ...}, ...] (records)
+        if isinstance(rows.get(field), list):
+            rows = [{field: v} for v in rows[field]]
+        else:
+            lists = [k for k, v in rows.items() if isinstance(v, list)]
+            rows = rows[lists[0]] if len(lists) == 1 else [rows]
+    if not isinstance(rows, list):
+        raise UserError(f"--calib {path}: expected a list of records with a {field!r} field")
+    columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
+    return _field_texts(rows, field, path, columns)
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            "--calib: datasets folders and hf: sources need the datasets package: "
+            "pip install 'neuqi[calib]'"
+        ) from None
+    return datasets
+
+
+def _disk_dataset_texts(path: Path, field: str) -> list[str]:
+    """Texts of a ``save_to_disk`` folder (a Dataset, or the first split of a DatasetDict)."""
+    datasets = _datasets()
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise UserError(f"--calib {path} is not a readable datasets folder ({exc})") from None
+    if isinstance(data, datasets.DatasetDict):
+        split = "train" if "train" in data else next(iter(data))
+        data = data[split]
+    return _field_texts(data, field, path, list(data.column_names))
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's host resolves (and offline mode is off): a quick answer instead of the
+    retries of an unreachable download."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline(datasets: Any) -> Iterator[None]:
+    """huggingface_hub and datasets in offline mode (the local cache only) for the block."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _hub_text(source: str, field: str, max_chars: int | None) -> str:
+    """``hf:NAME[:CONFIG][:SPLIT]``: streamed until ``max_chars`` characters are read, or read
+    from the local datasets cache when the hub cannot be reached."""
+    parts = source.removeprefix("hf:").split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UserError(f"--calib {source}: write hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    datasets = _datasets()
+    datasets.logging.set_verbosity_error()
+    online = _hub_reachable()
+    try:
+        with contextlib.nullcontext() if online else _offline(datasets):
+            rows = datasets.load_dataset(name, config, split=split, streaming=online)
+            texts: list[str] = []
+            total = 0
+            for row in rows:
+                if field not in row:
+                    _field_texts([], field, source, sorted(row))
+                value = row[field]
+                if isinstance(value, str) and value:
+                    texts.append(value)
+                    total += len(value) + 2
+                    if max_chars is not None and total >= max_chars:
+                        break
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unknown name, gated, not cached: one line for all
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "" if online else " (the hub cannot be reached, and it is not in the local cache)"
+        raise UserError(
+            f"--calib {source} could not be read{where}: {msg[:160]}; pass a local "
+            ".txt/.jsonl/.parquet file or a save_to_disk folder instead"
+        ) from None
+    return _join(texts, source)
 
 
 def _check_sizes(nsamples: int, seqlen: int) -> None:
@@ -124,4 +330,5 @@ def calibration_windows(
 
 
 def text_sha256(text: str) -> str:
+    """The calibration text's identity in a job's manifest."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

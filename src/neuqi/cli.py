@@ -69,9 +69,13 @@ def quantize(
         help="Input channels per group; -1 = one group per output channel.")] = 128,
     method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
         Method.neuqi),
-    calib: Annotated[Path | None, typer.Option(
-        help="Calibration text: a file or a folder of .txt files (default: the shipped text).")
+    calib: Annotated[str | None, typer.Option(
+        help="Calibration text: a .txt file or folder of them, a .jsonl/.json/.parquet file or a "
+             "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
+             "(streamed; default: the shipped text).")
     ] = None,
+    calib_field: Annotated[str, typer.Option(
+        help="The text field of --calib's records.")] = "text",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the calibration window choice.")] = 0,
@@ -116,6 +120,7 @@ def quantize(
     if format is ExportFormat.compressed_tensors and method is Method.neuqi:
         err.print("--format compressed-tensors stores integer zero-points: solving with neuqi-int")
         method = Method.neuqi_int
+    from neuqi.calib import stored_source
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
 
@@ -124,7 +129,7 @@ def quantize(
         model = str(Path(model).expanduser().resolve())
     config = QuantizeConfig(
         model=model, out=str(out.expanduser().resolve()), bits=bits, group_size=group_size, method=method.value,
-        calib=str(calib.expanduser().resolve()) if calib else None, nsamples=nsamples,
+        calib=stored_source(calib), calib_field=calib_field, nsamples=nsamples,
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
@@ -246,9 +251,13 @@ def distill(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 3e-4,
     norms: Annotated[bool, typer.Option(
         "--norms/--no-norms", help="Also train the RMSNorm weights.")] = False,
-    calib: Annotated[Path | None, typer.Option(
-        help="Calibration text: a file or a folder of .txt files (default: the shipped text).")
+    calib: Annotated[str | None, typer.Option(
+        help="Calibration text: a .txt file or folder of them, a .jsonl/.json/.parquet file or a "
+             "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
+             "(streamed; default: the shipped text).")
     ] = None,
+    calib_field: Annotated[str, typer.Option(
+        help="The text field of --calib's records.")] = "text",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 256,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the windows and of their order.")] = 0,
@@ -259,13 +268,14 @@ def distill(
 ) -> None:
     """End-to-end distillation of OUTPUT's scales and zero-points (codes frozen) against the
     teacher's final hidden states. Run the same command again to resume."""
+    from neuqi.calib import stored_source
     from neuqi.distill_e2e import distill_output
 
     if Path(teacher).expanduser().exists():
         teacher = str(Path(teacher).expanduser().resolve())
     result = distill_output(
         output, teacher, out.expanduser().resolve() if out else None, job, steps=steps, lr=lr,
-        norms=norms, calib=calib.expanduser().resolve() if calib else None, nsamples=nsamples,
+        norms=norms, calib=stored_source(calib), calib_field=calib_field, nsamples=nsamples,
         seqlen=seqlen, seed=seed, save_every=save_every, batch_size=batch_size,
         device=device.value, console=err,
     )

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from neuqi.calib import calibration_windows, load_calibration_text, text_sha256
+from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.distill import DistillSettings, QuantLinear, Trainer, trainable_parameters
 from neuqi.errors import UserError
@@ -59,6 +59,7 @@ def _file_sha256(path: Path) -> str:
 def distill_output(
     output: str | Path, teacher: str, out: str | Path | None = None, job: str | Path | None = None,
     *, steps: int = 256, lr: float = 3e-4, norms: bool = False, calib: str | Path | None = None,
+    calib_field: str = "text",
     nsamples: int = 256, seqlen: int = 2048, seed: int = 0, save_every: int = 50,
     batch_size: int = 8, device: str = "auto", console: Console | None = None,
 ) -> Path:
@@ -94,7 +95,8 @@ def distill_output(
     if target.resolve() == source_dir.resolve():
         raise UserError(f"--out {target}: is the quantized input itself; choose another folder")
     check_output_target(target)
-    text = load_calibration_text(Path(calib).expanduser() if calib else None)
+    text = load_calibration_text(calib, field=calib_field,
+                                 max_chars=hub_max_chars(nsamples, seqlen))
     windows = calibration_windows(load_tokenizer(ckpt.path), text, nsamples, seqlen, seed)
     if windows.max() >= ckpt.config.vocab_size:
         raise UserError(f"{ckpt.path}: the tokenizer gives ids beyond the model's vocabulary")

@@ -26,6 +26,7 @@ class QuantizeConfig:
     group_size: int = 128
     method: str = "neuqi"
     calib: str | None = None  # None: the calibration text shipped with the package
+    calib_field: str = "text"  # the text field of --calib records (.jsonl/.json/.parquet/datasets)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
@@ -69,6 +70,8 @@ class QuantizeConfig:
         if not self.distill_steps:  # job stores made before distillation existed still match
             for key in ("distill_steps", "distill_lr", "distill_norms"):
                 options.pop(key)
+        if self.calib_field == "text":  # nor did --calib-field
+            options.pop("calib_field")
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from neuqi.calib import calibration_windows, load_calibration_text, text_sha256
+from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.devices import resolve_device
 from neuqi.errors import UserError, disk_full_is_user_error
@@ -71,7 +71,8 @@ def quantize(
             check_group_size(ckpt.shape(name)[1], config.group_size, name)
     out = Path(config.out).expanduser()
     check_output_target(out)  # before any work, as the writer will at the end
-    text = load_calibration_text(Path(config.calib).expanduser() if config.calib else None)
+    text = load_calibration_text(config.calib, field=config.calib_field,
+                                 max_chars=hub_max_chars(config.nsamples, config.seqlen))
     windows = calibration_windows(load_tokenizer(ckpt.path), text, config.nsamples, config.seqlen, config.seed)
     if windows.max() >= ckpt.config.vocab_size:
         raise UserError(f"{ckpt.path}: the tokenizer gives ids beyond the model's vocabulary")
