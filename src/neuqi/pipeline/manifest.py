@@ -1,6 +1,7 @@
 """The job store's identity: its root ``zarr.json``, the format version and the manifest.
 
-The manifest is the JSON of everything that determines the result (model, options, calibration
+Reading needs only the standard library (``neuqi status`` answers without importing torch or
+zarr). The manifest is the JSON of everything that determines the result (model, options, calibration
 digest). A store is created with one, once; opening it with another is refused with the list of
 what differs, so a resumed job can only ever continue the job it started.
 """
@@ -10,9 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-
-import zarr
-from zarr.storage import LocalStore
 
 from neuqi.durable import fsync, fsync_dirs_up, read_json
 from neuqi.errors import UserError
@@ -96,6 +94,9 @@ def read_manifest(root: Path, display: str, *, must_exist: bool) -> dict[str, An
 
 def create_root(root: Path, manifest: dict[str, Any]) -> None:
     """Make ``root`` a job store: the root zarr group with the marker and the manifest."""
+    import zarr  # here, so that reading a manifest (neuqi status) needs no zarr
+    from zarr.storage import LocalStore
+
     root.mkdir(parents=True, exist_ok=True)
     zarr.create_group(
         LocalStore(root),

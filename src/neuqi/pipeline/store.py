@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -54,39 +53,13 @@ from neuqi.pipeline.manifest import (
     read_manifest,
     refuse_other,
 )
+from neuqi.pipeline.records import check_name, check_prefix, natural_key, read_records
 
 __all__ = ["FORMAT_VERSION", "JobStore"]
 
 _ARRAYS = "arrays"
 _DONE = "done"
 _TRASH = ".trash"
-
-_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-_BAD_SUFFIXES = (".json", ".tmp", ".partial")
-
-
-def _check_name(name: str, what: str) -> str:
-    """Validate a ``/``-separated record key or array name; return it without outer slashes."""
-    name = name.strip("/")
-    parts = name.split("/")
-    for part in parts:
-        if not _SEGMENT.fullmatch(part) or part.startswith("__") or part.endswith(_BAD_SUFFIXES):
-            raise ValueError(
-                f"invalid {what} {name!r}: use '/'-separated parts of letters, digits, '_', '.', "
-                f"'-' (not starting with '.' or '__', not ending with .json/.tmp/.partial)"
-            )
-    return name
-
-
-def _check_prefix(prefix: str, what: str) -> str:
-    prefix = prefix.strip("/")
-    return _check_name(prefix, what) if prefix else ""
-
-
-def _natural_key(text: str) -> list[Any]:
-    """Sort key putting ``solve/2`` before ``solve/10``."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text)]
-
 
 # ----------------------------------------------------------------------------- the store
 
@@ -152,7 +125,7 @@ class JobStore:
     # -- completion records ---------------------------------------------------------------
 
     def _record_path(self, key: str) -> Path:
-        return self._root / _DONE / (_check_name(key, "record key") + ".json")
+        return self._root / _DONE / (check_name(key, "record key") + ".json")
 
     def is_done(self, key: str) -> bool:
         """Whether the completion record ``key`` (e.g. ``"solve/3/mlp.up_proj"``) exists."""
@@ -166,7 +139,7 @@ class JobStore:
         The record (``{"key", "done_at", "arrays", "info"}``) appears atomically, so a reader
         sees it whole or not at all. Call this only after all of the work's data is written.
         """
-        names = [_check_name(a, "array name") for a in arrays]
+        names = [check_name(a, "array name") for a in arrays]
         for name in names:
             if not self.has_array(name):
                 raise ValueError(f"mark_done({key!r}): array {name!r} does not exist")
@@ -190,27 +163,7 @@ class JobStore:
 
     def records(self, prefix: str = "") -> dict[str, dict[str, Any]]:
         """All completion records whose key is ``prefix`` or lies under it, in natural order."""
-        prefix = _check_prefix(prefix, "record prefix")
-        done = self._root / _DONE
-        out: dict[str, dict[str, Any]] = {}
-        if prefix:
-            own = done / (prefix + ".json")
-            rec = read_json(own) if own.is_file() else None
-            if rec is not None:
-                out[prefix] = rec
-        top = done / prefix if prefix else done
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(done).as_posix()
-            for fname in filenames:
-                if fname.startswith(".") or not fname.endswith(".json"):
-                    continue
-                key = fname.removesuffix(".json")
-                key = key if rel == "." else f"{rel}/{key}"
-                rec = read_json(Path(dirpath) / fname)
-                if rec is not None:
-                    out[key] = rec
-        return {k: out[k] for k in sorted(out, key=_natural_key)}
+        return read_records(self._root / _DONE, prefix)
 
     def progress(self) -> dict[str, dict[str, int]]:
         """Record counts grouped for a status table: ``{stage: {layer: count}}``.
@@ -235,14 +188,14 @@ class JobStore:
         return self._root / _ARRAYS / name
 
     def _open(self, name: str, mode: str = "r") -> zarr.Array:
-        name = _check_name(name, "array name")
+        name = check_name(name, "array name")
         if not self.has_array(name):
             raise KeyError(f"job store {self._display} has no array {name!r}")
         return zarr.open_array(self._zstore(), path=f"{_ARRAYS}/{name}", mode=mode, zarr_format=3)
 
     def has_array(self, name: str) -> bool:
         """Whether an array ``name`` exists (possibly not fully written: check its record)."""
-        meta_path = self._array_dir(_check_name(name, "array name")) / "zarr.json"
+        meta_path = self._array_dir(check_name(name, "array name")) / "zarr.json"
         try:
             meta = read_json(meta_path)
         except (OSError, ValueError):
@@ -262,7 +215,7 @@ class JobStore:
         for about 64 MiB chunks along the first axis. Give each writer (batch, dask task) its own
         chunks: two writers of one chunk corrupt it.
         """
-        name = _check_name(name, "array name")
+        name = check_name(name, "array name")
         tdtype = arr.torch_dtype(dtype)
         ndtype = arr.numpy_dtype(tdtype)
         shape_t = tuple(int(s) for s in shape)
@@ -330,7 +283,7 @@ class JobStore:
 
     def array_names(self, prefix: str = "") -> list[str]:
         """Names of all arrays at or under ``prefix``, in natural order."""
-        prefix = _check_prefix(prefix, "array prefix")
+        prefix = check_prefix(prefix, "array prefix")
         base = self._root / _ARRAYS
         top = base / prefix if prefix else base
         names = []
@@ -344,11 +297,11 @@ class JobStore:
                 dirnames[:] = []  # chunks, not children
             else:
                 dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        return sorted(names, key=_natural_key)
+        return sorted(names, key=natural_key)
 
     def sync(self, name: str) -> None:
         """fsync every file and folder of array ``name`` (and the folders above it)."""
-        top = self._array_dir(_check_name(name, "array name"))
+        top = self._array_dir(check_name(name, "array name"))
         for dirpath, _, filenames in os.walk(top):
             for fname in filenames:
                 fsync(Path(dirpath) / fname)
@@ -360,7 +313,7 @@ class JobStore:
 
         The folder is first renamed away (atomic), so the array is never seen half-deleted.
         """
-        path = self._array_dir(_check_name(name, "array name"))
+        path = self._array_dir(check_name(name, "array name"))
         if not path.exists():
             return
         trash = self._root / _TRASH
