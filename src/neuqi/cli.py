@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal, and in a log file (where rich
+# would otherwise wrap at 80 columns, mid-word)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 class Method(str, Enum):
@@ -64,7 +66,7 @@ def quantize(
     job: Annotated[Path | None, typer.Option(
         help="Job store folder (intermediate results; default: <out>.job). Reusing it resumes.")
     ] = None,
-    bits: Annotated[int, typer.Option(help="Bits per weight (2..8).")] = 4,
+    bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3 or 4.")] = 4,
     group_size: Annotated[int, typer.Option(
         help="Input channels per group; -1 = one group per output channel.")] = 128,
     method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
@@ -161,25 +163,26 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show how far a job has got."""
-    from neuqi.pipeline.runner import status as get_status
+    from neuqi.pipeline.jobinfo import job_status  # plain files only: answers at once
 
-    info = get_status(job)
+    info = job_status(job)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    table = Table(title=f"job {info['job']}")
+    console = Console(soft_wrap=True, highlight=False)
+    console.print(f"job {info['job']}", markup=False)
+    table = Table()
     table.add_column("stage")
     table.add_column("done", justify="right")
     table.add_column("total", justify="right")
     for stage, counts in info["stages"].items():
         table.add_row(stage, str(counts["done"]), str(counts["total"]))
     table.add_row("all", str(info["done"]), str(info["total"]))
-    console = Console()
     console.print(table)
     state = "complete" if info["complete"] else "incomplete"
     if info["lock"]:
         state += f", running as process {info['lock'].get('pid')}"
-    console.print(f"model {info['model']} -> {info['out']}: {state}")
+    console.print(f"model {info['model']} -> {info['out']}: {state}", markup=False)
 
 
 @app.command(name="eval")

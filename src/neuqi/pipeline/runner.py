@@ -27,7 +27,6 @@ from rich.progress import (
 from neuqi.calib import calibration_windows, load_calibration_text
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.errors import UserError, disk_full_is_user_error
-from neuqi.models import LLAMA_LIKE
 from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline import tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir, text_sha256
@@ -39,6 +38,7 @@ from neuqi.pipeline.executor import (
     open_executor,
     resolve_device,
 )
+from neuqi.pipeline.jobinfo import job_status
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
 from neuqi.solver import check_group_size
@@ -296,35 +296,5 @@ class Job:
 
 
 def status(job: str | Path) -> dict[str, Any]:
-    """Progress of the job in store ``job``: per stage, how many steps are done of how many."""
-    store = JobStore.open_existing(job)
-    config = QuantizeConfig.from_manifest(store.manifest)
-    records = store.records()
-    layers = sorted({int(k.split("/")[1]) for k in records if k.count("/") >= 1} | {0})
-    try:
-        ckpt = Checkpoint.open(resolve_model(config.model))
-        n, linears = ckpt.layer_count, len(ckpt.arch.linears)
-    except UserError:  # the model folder is gone: count from the records and the common layout
-        n, linears = max(layers) + 1, len(LLAMA_LIKE.linears)
-    stages = {
-        "embed": (sum(k == "embed" for k in records), 1),
-        "hessian": (sum(k.startswith("hessian/") for k in records), n),
-        "solve": (sum(k.startswith("solve/") for k in records), n * linears),
-        "forward": (sum(k.startswith("forward/") for k in records), n - 1),
-        **({"distill": (sum(k.startswith("distill/") for k in records), n)}
-           if config.distill_steps else {}),
-        "pack": (sum(k == "pack" for k in records), 1),
-    }
-    done = sum(d for d, _ in stages.values())
-    total = sum(t for _, t in stages.values())
-    return {
-        "job": str(store.path),
-        "model": config.model,
-        "out": config.out,
-        "options": store.manifest["options"],
-        "stages": {k: {"done": d, "total": t} for k, (d, t) in stages.items()},
-        "done": done,
-        "total": total,
-        "complete": stages["pack"][0] == 1,
-        "lock": store.lock_info() if store.lock_is_live() else None,
-    }
+    """Progress of the job in store ``job`` (see :func:`neuqi.pipeline.jobinfo.job_status`)."""
+    return job_status(job)
