@@ -7,7 +7,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -55,6 +55,20 @@ class ExportFormat(str, Enum):
     gguf_q4_k = "gguf-q4_k"
     gguf_q5_k = "gguf-q5_k"
     gguf_q2_k = "gguf-q2_k"
+
+
+LOG_JSON_HELP = ("Progress and messages on stderr as JSON lines (time, event, message, done, total, "
+                 "elapsed_s, eta_s). Default: a live bar on a terminal, else one plain line per "
+                 "layer and stage with elapsed time and ETA.")
+
+KEEP_JOB_HELP = ("Keep the job store's intermediate arrays after a complete run (default: deleted "
+                 "once the output is written; the options and completion records stay).")
+
+
+def _log(as_json: bool) -> Any:
+    from neuqi.progress import Log
+
+    return Log(err, "json" if as_json else "auto")
 
 
 @app.command()
@@ -113,6 +127,8 @@ def quantize(
         help="Where --format writes (default: <out>-compressed-tensors, <out>.gguf or "
              "<out>-<type>.gguf).")
     ] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
+    keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     if format is ExportFormat.compressed_tensors and method is Method.neuqi:
@@ -132,7 +148,7 @@ def quantize(
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
     )
-    result = run(config, job, device.value, err, scheduler)
+    result = run(config, job, device.value, _log(log_json), scheduler, keep_job)
     if format is not None:
         suffix = {"compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}.get(
             format.value, f"-{format.value.removeprefix('gguf-')}.gguf")
@@ -150,11 +166,13 @@ def resume(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
              "joins a running cluster (workers must see the job store and the model under the "
              "same paths). Default: in this process. The result is the same.")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
+    keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
 ) -> None:
     """Continue a stopped job with the options it was started with."""
     from neuqi.pipeline.runner import resume as run
 
-    typer.echo(str(run(job, device.value, err, scheduler)))
+    typer.echo(str(run(job, device.value, _log(log_json), scheduler, keep_job)))
 
 
 @app.command()
@@ -215,6 +233,7 @@ def _export(output: Path, fmt: ExportFormat, out: Path, model: str | None, devic
     report = run(output, fmt.value, out.expanduser(), model, device,
                  lambda msg: err.print(msg, markup=False, highlight=False, soft_wrap=True))
     err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    err.print(report.sizes(), markup=False, highlight=False, soft_wrap=True)
     typer.echo(report.out)
 
 
