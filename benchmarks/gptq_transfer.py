@@ -107,7 +107,8 @@ def main() -> None:
 
     print(f"SmolLM2-135M layer {args.layer}, w{args.bits} g{args.group_size}; calibration "
           f"{'/'.join(str(n) for n in counts)} windows of {args.seqlen} tokens of "
-          f"{args.calib.name if args.calib else 'pride-and-prejudice.txt'}, evaluation {ev.numel()} tokens of {args.data.name}\n")
+          f"{args.calib.name if args.calib else 'pride-and-prejudice.txt'}, evaluation "
+          f"{ev.numel()} tokens of {args.data.name}\n")
     print("| calibration tokens | linear | method | calibration error | evaluation error |")
     print("|---|---|---|---|---|")
     for count in counts:

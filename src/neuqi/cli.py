@@ -57,9 +57,9 @@ class ExportFormat(str, Enum):
     gguf_q2_k = "gguf-q2_k"
 
 
-LOG_JSON_HELP = ("Progress and messages on stderr as JSON lines (time, event, message, done, total, "
-                 "elapsed_s, eta_s). Default: a live bar on a terminal, else one plain line per "
-                 "layer and stage with elapsed time and ETA.")
+LOG_JSON_HELP = ("Progress and messages on stderr as JSON lines (time, event, message, done, "
+                 "total, elapsed_s, eta_s). Default: a live bar on a terminal, else one plain line "
+                 "per layer and stage with elapsed time and ETA.")
 
 KEEP_JOB_HELP = ("Keep the job store's intermediate arrays after a complete run (default: deleted "
                  "once the output is written; the options and completion records stay).")

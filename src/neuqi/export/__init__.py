@@ -152,8 +152,8 @@ def export(
             export_loss=export_total if measured else None,
             tensors=len(source.quantized_names) + len(source.plain_names),
             hessian=source.has_hessian, notes=notes, linears=len(source.quantized_names),
-            re_solved=len(getattr(exporter, "re_solved", [])) + len(getattr(exporter, "resolved", []))
-            + len(getattr(exporter, "rounded", [])),
+            re_solved=sum(len(getattr(exporter, k, [])) for k in ("re_solved", "resolved",
+                                                                     "rounded")),
             re_solve_why="; ".join(sorted(getattr(exporter, "re_solve_why", set()))),
         )
         exporter.finalize(report.as_dict())

@@ -45,8 +45,8 @@ class QuantizeConfig:
 
     def validate(self) -> None:
         if self.bits not in BITS:
-            raise UserError(f"--bits {self.bits}: neuqi quantizes to 2, 3 or 4 bits (the settings the "
-                            f"README documents and measures); choose one of them")
+            raise UserError(f"--bits {self.bits}: neuqi quantizes to 2, 3 or 4 bits (the settings "
+                            f"the README documents and measures); choose one of them")
         if self.method == LAZY_MINMAX and not self.gptq:
             raise UserError(f"--method {LAZY_MINMAX} is GPTQ's own Min-Max: add --gptq, or use "
                             "--method minmax")

@@ -26,7 +26,8 @@ def _root(job: str | Path) -> Path:
     text = str(job)
     if "://" in text:
         if not text.startswith("file://"):
-            raise UserError(f"job store {text}: only local folders are supported; give a folder path")
+            raise UserError(f"job store {text}: only local folders are supported; give a folder "
+                            f"path")
         text = text.removeprefix("file://")
     return Path(text).expanduser().absolute()
 
