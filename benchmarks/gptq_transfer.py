@@ -2,8 +2,8 @@
 
     python benchmarks/gptq_transfer.py [--layer 10] [--linears self_attn.q_proj,mlp.down_proj]
         [--bits 3] [--group-size 64] [--nsamples 16[,64,...]] [--seqlen 512] [--eval-windows 2]
-        [--damp 0.01,0.1] [--calib ../shared/data/pride-and-prejudice.txt]
-        [--data ../shared/data/wikitext2-test.raw]
+        [--damp 0.01,0.1] [--calib FILE (default: the shipped Pride and Prejudice)]
+        [--data data/wikitext2-test.raw]
 
 For some linears of one decoder layer of SmolLM2-135M it captures the layer inputs X of the
 full-precision model (transformers' own modelling code) on the calibration windows of the quality
@@ -40,7 +40,7 @@ from neuqi.gptq import gptq_quantize
 from neuqi.solver import quantize_tensor
 from neuqi.stages.hessian import DAMPING
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # the repository's copy (data/README.md)
 
 
 class _Stop(Exception):
@@ -90,8 +90,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--damp", default="0.01,0.1")
-    parser.add_argument("--calib", type=Path, default=SHARED / "pride-and-prejudice.txt")
-    parser.add_argument("--data", type=Path, default=SHARED / "wikitext2-test.raw")
+    parser.add_argument("--calib", type=Path, default=None)  # None: the shipped text
+    parser.add_argument("--data", type=Path, default=DATA / "wikitext2-test.raw")
     args = parser.parse_args()
     linears = [s.strip() for s in args.linears.split(",") if s.strip()]
     damps = [float(d) for d in args.damp.split(",")]
@@ -107,7 +107,8 @@ def main() -> None:
 
     print(f"SmolLM2-135M layer {args.layer}, w{args.bits} g{args.group_size}; calibration "
           f"{'/'.join(str(n) for n in counts)} windows of {args.seqlen} tokens of "
-          f"{args.calib.name}, evaluation {ev.numel()} tokens of {args.data.name}\n")
+          f"{args.calib.name if args.calib else 'pride-and-prejudice.txt'}, evaluation "
+          f"{ev.numel()} tokens of {args.data.name}\n")
     print("| calibration tokens | linear | method | calibration error | evaluation error |")
     print("|---|---|---|---|---|")
     for count in counts:

@@ -1,7 +1,7 @@
 """Write the part of the evaluation text that the quality benchmark does not score, for in-domain
 calibration experiments.
 
-    python benchmarks/heldout_text.py [--data ../shared/data/wikitext2-test.raw] [--seqlen 2048]
+    python benchmarks/heldout_text.py [--data data/wikitext2-test.raw] [--seqlen 2048]
         [--max-windows 8] [--out out/wikitext2-heldout.txt]
 
 The quality benchmark scores the first ``--max-windows`` windows of ``--seqlen`` tokens of
@@ -20,12 +20,12 @@ from neuqi.demo_model import ensure_smollm2
 from neuqi.evaluate import read_eval_text
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the repository's copy (data/README.md)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=SHARED / "wikitext2-test.raw")
+    parser.add_argument("--data", type=Path, default=DATA / "wikitext2-test.raw")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "wikitext2-heldout.txt")

@@ -1,6 +1,6 @@
 """WikiText-2 perplexity of a GGUF export in llama.cpp next to neuqi's own evaluation.
 
-    python benchmarks/llamacpp.py [--model smollm2] [--data ../shared/data/wikitext2-test.raw]
+    python benchmarks/llamacpp.py [--model smollm2] [--data data/wikitext2-test.raw]
         [--type q4_1] [--bits 4] [--group-size 32] [--method neuqi] [--nsamples 16]
         [--calib-seqlen 512] [--seqlen 2048] [--max-windows N] [--threads 2]
         [--workdir DIR] [--output DIR]
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.raw"
+DATA = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"  # data/README.md
 
 
 def llama_cpp_perplexity(gguf_file: Path, windows, threads: int) -> float:

@@ -3,15 +3,15 @@
     python benchmarks/quality.py [--settings w2g64,w3g64,w4g64,w3c,w4c]
         [--methods minmax,neuqi-int,neuqi,minmax+gptq,neuqi+gptq,neuqi+distill,...]
         [--max-windows 16] [--nsamples 32] [--seqlen 512]
-        [--calib ../shared/data/pride-and-prejudice.txt] [--data ../shared/data/wikitext2-test.raw]
+        [--calib FILE] [--data data/wikitext2-test.raw]
         [--eval-seqlen 2048] [--device cpu] [--results benchmarks/results] [--workdir out/quality]
         [--force] [--keep]
 
 Every row runs the real command line in a fresh process, exactly as a user would::
 
     neuqi quantize smollm2 --out OUT --bits B --group-size G --method M
-        --calib ../shared/data/pride-and-prejudice.txt --nsamples 32 --seqlen 512 --seed 0
-    neuqi eval OUT --data ../shared/data/wikitext2-test.raw --seqlen 2048 --max-windows 16 --json
+        --calib out/quality/pride-and-prejudice.txt --nsamples 32 --seqlen 512 --seed 0
+    neuqi eval OUT --data data/wikitext2-test.raw --seqlen 2048 --max-windows 16 --json
 
 so every row uses the same calibration windows (same text, count, length and seed) and the same
 evaluation windows (the first ``--max-windows`` non-overlapping windows of the joined text). The
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the repository's copy of the evaluation text (data/README.md)
 NEUQI = [sys.executable, "-c", "from neuqi.cli import main; main()"]
 
 # Method names in the table -> `neuqi quantize` options; the table shows whichever rows have been
@@ -104,6 +104,19 @@ def evaluate(model: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
     result = json.loads(stdout.strip().splitlines()[-1])
     result["eval_seconds"] = round(seconds, 1)
     return result
+
+
+def shipped_calibration_file(workdir: Path) -> Path:
+    """The package's calibration text (Pride and Prejudice, byte for byte the Project Gutenberg
+    file; src/neuqi/data/README.md) as a file the commands can name, under its own name so the
+    protocol (and the rows stored under it) stays the same."""
+    from neuqi.calib import load_calibration_text
+
+    path = workdir / "pride-and-prejudice.txt"
+    text = load_calibration_text(None).encode("utf-8")
+    if not path.is_file() or path.read_bytes() != text:
+        path.write_bytes(text)
+    return path
 
 
 def protocol(args: argparse.Namespace) -> dict[str, Any]:
@@ -208,8 +221,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--settings", default="w2g64,w3g64,w4g64,w3c,w4c")
     parser.add_argument("--methods", default="minmax,neuqi-int,neuqi")
-    parser.add_argument("--calib", default=str(SHARED / "pride-and-prejudice.txt"))
-    parser.add_argument("--data", default=str(SHARED / "wikitext2-test.raw"))
+    parser.add_argument("--calib", default=None,
+                        help="calibration text (default: the shipped Pride and Prejudice, written "
+                        "to WORKDIR/pride-and-prejudice.txt)")
+    parser.add_argument("--data", default=str(DATA / "wikitext2-test.raw"))
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -235,6 +250,8 @@ def main() -> None:
             raise SystemExit(f"--methods {m}: choose among {', '.join(METHODS)}")
     args.results.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.calib is None:
+        args.calib = str(shipped_calibration_file(args.workdir))
     logs = args.workdir / "logs"
     logs.mkdir(exist_ok=True)
     store_path = args.results / "quality.json"

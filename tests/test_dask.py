@@ -25,9 +25,10 @@ from neuqi.stages.hessian import batch_starts, batch_sums, write_hessian
 OPTIONS = {"bits": 3, "group_size": 16, "nsamples": 5, "seqlen": 32, "batch_size": 2}
 
 
-def run(model: Path, out: Path, scheduler: str | None, **options: object) -> Path:
+def run(model: Path, out: Path, scheduler: str | None, keep_job: bool = False,
+        **options: object) -> Path:
     config = QuantizeConfig(model=str(model), out=str(out), **{**OPTIONS, **options})
-    return quantize(config, None, "cpu", Console(stderr=True, quiet=True), scheduler)
+    return quantize(config, None, "cpu", Console(stderr=True, quiet=True), scheduler, keep_job)
 
 
 def in_process(model: Path, folder: Path, **options: object) -> dict[str, bytes]:
@@ -87,7 +88,7 @@ def test_killed_worker_mid_run_still_gives_the_identical_result(
 
 
 def test_hessian_does_not_depend_on_how_the_batches_are_split(tiny_llama: Path, tmp_path: Path):
-    run(tiny_llama, tmp_path / "out", None)
+    run(tiny_llama, tmp_path / "out", None, keep_job=True)  # its Hessians stay in the store
     store = JobStore.open_existing(tmp_path / "out.job")
     ckpt = Checkpoint.open(tiny_llama)
     names = [h_name(0, group) for group, _ in ckpt.arch.linear_groups]

@@ -94,7 +94,8 @@ def test_interrupted_and_resumed_training_gives_the_same_parameters():
 @pytest.fixture(scope="module")
 def blockwise(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("blockwise") / "out"
-    r = neuqi("quantize", str(tiny_llama), "--out", str(out), *QUANT, *BLOCKWISE)
+    # --keep-job: the tests read the solved and distilled parameters from the job store
+    r = neuqi("quantize", str(tiny_llama), "--out", str(out), *QUANT, *BLOCKWISE, "--keep-job")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,8 +20,9 @@ from neuqi.loader import load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKITEXT = SHARED_DATA / "wikitext2-test.raw"
+# the repository carries the evaluation text (data/README.md: source, licence, SHA-256)
+WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
+WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 SEQLEN = 64
 
 
@@ -29,6 +31,12 @@ def neuqi(*args: str) -> subprocess.CompletedProcess:
         [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
         check=False, capture_output=True, text=True, env=dict(os.environ), timeout=600,
     )
+
+
+def test_the_repository_carries_the_wikitext2_test_split_byte_for_byte():
+    assert hashlib.sha256(WIKITEXT.read_bytes()).hexdigest() == WIKITEXT_SHA256
+    readme = (WIKITEXT.parent / "README.md").read_text(encoding="utf-8")
+    assert WIKITEXT_SHA256 in readme and "CC BY-SA 3.0" in readme
 
 
 @pytest.fixture(scope="module")

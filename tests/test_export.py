@@ -107,15 +107,38 @@ def test_compressed_tensors_loads_in_transformers_with_the_native_logits(
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
-def test_compressed_tensors_rounds_float_zero_points_with_a_warning(
-    float_output: Path, tmp_path: Path
+def test_compressed_tensors_re_solves_float_zero_points_with_neuqi_int(
+    float_output: Path, int_output: Path, tmp_path: Path
 ):
     notes: list[str] = []
     report = export(float_output, "compressed-tensors", tmp_path / "ct", say=notes.append)
-    assert any("float zero-points" in n for n in notes)
+    assert any("re-solved with integer zero-points (NeUQI-int)" in n for n in notes), notes
     assert report.added_loss is not None and report.added_loss > 0
-    # what transformers computes is what the report measured
     source = ExportSource(float_output)
+    # the floor: NeUQI-int's own loss for every linear, from the weights and the stored diagonal
+    from neuqi.export.compressed_tensors import integer_params
+    from neuqi.solver import dequantize, quantize_tensor
+
+    floor = rounded = 0.0
+    for name in source.quantized_names:
+        lin = source.linear(name)
+        q = quantize_tensor(lin.weight, lin.h_diag, bits=4, group_size=32, method="neuqi-int")
+        floor += float(q.loss.double().sum())
+        codes, z, changed = integer_params(lin)
+        assert changed
+        rounded += weighted_loss(lin.weight, dequantize(codes, lin.scale, z, 32), lin.h_diag)
+    assert report.export_loss == pytest.approx(floor, rel=1e-4)  # float32 model: scales as is
+    assert report.native_loss < report.export_loss < rounded  # tiny LLaMA: 6.60 < 8.58 < 9.78
+    # layer 0 sees the same calibration inputs in both jobs: the --method neuqi-int job's codes
+    ct = {}
+    for f in (tmp_path / "ct").glob("*.safetensors"):
+        ct.update(load_file(f))
+    native_int = NeuqiOutput.open(int_output)
+    for lin in ("self_attn.q_proj", "mlp.down_proj"):
+        prefix = f"model.layers.0.{lin}"
+        int_scale = native_int.linear(f"{prefix}.weight").scales
+        assert torch.equal(ct[f"{prefix}.weight_scale"], int_scale)
+    # what transformers computes is what the report measured
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -250,12 +273,50 @@ def test_gguf_q4_1_keeps_neuqi_codes_and_float_offsets(float_output: Path, tmp_p
         got = _hf_rows(name, _gguf_weight(t), 4, 2)
         assert torch.equal(got, expected), name
         torch.testing.assert_close(got, lin.dequantized(), rtol=0, atol=2e-3)
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        gname = {"model.embed_tokens.weight": "token_embd.weight",
-                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}[name]
-        assert tensors[gname].tensor_type.name == "F32"
-        assert torch.equal(torch.from_numpy(tensors[gname].data.copy()).reshape(
-            source.plain(name).shape), source.plain(name))
+    # as llama.cpp's convert_hf_to_gguf.py --outtype q8_0: 2-D tensors Q8_0, norms F32
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    for name, gname in (("model.embed_tokens.weight", "token_embd.weight"),
+                        ("lm_head.weight", "output.weight")):
+        assert tensors[gname].tensor_type.name == "Q8_0"
+        original = source.plain(name).float()
+        expected = quantize(original.numpy(), GGMLQuantizationType.Q8_0)
+        assert (tensors[gname].data.reshape(expected.shape) == expected).all()
+        torch.testing.assert_close(_gguf_weight(tensors[gname]).reshape(original.shape), original,
+                                   rtol=0, atol=float(original.abs().max()) / 127)
+    norm = tensors["output_norm.weight"]
+    assert norm.tensor_type.name == "F32"
+    assert torch.equal(torch.from_numpy(norm.data.copy()), source.plain("model.norm.weight"))
+
+
+@pytest.mark.parametrize("fmt", ["gguf-q4_1", "gguf-q5_1"])
+def test_gguf_loss_report_is_a_direct_recomputation(fmt: str, float_output: Path, tmp_path: Path):
+    """Both sides of the report are sum h (w - ŵ)² over the original weights with the stored
+    Hessian diagonal: ŵ the native output's weights, and ŵ what llama.cpp reads from the file
+    (dequantized by the gguf package). Q4_1 keeps the output's codes; Q5_1 re-solves them."""
+    out = tmp_path / "m.gguf"
+    report = export(float_output, fmt, out)
+    tensors = _read_gguf(out)
+    source = ExportSource(float_output)
+    native = exported = 0.0
+    for name in source.quantized_names:
+        lin = source.linear(name)
+        w = lin.weight
+        native += weighted_loss(w, lin.dequantized(), lin.h_diag)
+        got = _hf_rows(name, _gguf_weight(tensors[_gguf_name(name)]).reshape(w.shape), 4, 2)
+        h = lin.h_diag.double()
+        exported += float((h * (w.double() - got.double()) ** 2).sum())
+    assert report.native_loss == pytest.approx(native, rel=1e-9)
+    assert report.export_loss == pytest.approx(exported, rel=1e-6)
+    assert report.added_loss == pytest.approx(exported - native, rel=1e-6, abs=1e-9)
+    summary = report.summary()
+    assert f"vs native {native:.6g}" in summary
+    if fmt == "gguf-q5_1":  # 5-bit blocks: every linear solved again, and the line says so
+        assert report.re_solved == report.linears == 21 and "re-solved" in summary
+        assert report.added_loss < 0  # a finer grid than the 4-bit output's
+    else:
+        assert report.re_solved == 0 and "re-solved" not in summary
 
 
 def test_gguf_runs_in_transformers_with_the_native_logits(float_output: Path, tmp_path: Path):
@@ -359,3 +420,26 @@ def test_quantize_with_format_gguf_exports_a_qwen2_that_transformers_runs(
         got = model(_ids()).logits
     ours = _native_logits(out)
     assert (got - ours).abs().max() < 0.01 * ours.abs().max()
+
+
+@pytest.mark.parametrize("group_size", [64, 128, -1])
+def test_q4_1_writes_groups_of_a_multiple_of_32_with_their_own_codes(group_size: int):
+    """A group of k·32 weights is k Q4_1 blocks with the group's (s, z): nothing re-solved."""
+    from neuqi.export.common import NativeLinear
+    from neuqi.export.gguf import BLOCK, own_block_params
+
+    g = torch.Generator().manual_seed(3)
+    n_groups = 1 if group_size == -1 else 128 // group_size
+    lin = NativeLinear(
+        name="model.layers.0.mlp.up_proj.weight",
+        codes=torch.randint(0, 16, (8, 128), generator=g, dtype=torch.uint8),
+        scale=torch.rand(8, n_groups, generator=g) + 0.1,
+        zero_point=torch.rand(8, n_groups, generator=g) * 15,  # NeUQI's float zero-points
+        bits=4, group_size=group_size, weight=None, h_diag=None, method="neuqi",
+    )
+    codes, scale, zero = own_block_params(lin, 4)
+    assert torch.equal(codes, lin.codes) and scale.shape == (8, 128 // BLOCK)
+    blocks = codes.float().view(8, -1, BLOCK)
+    as_blocks = (scale.unsqueeze(-1) * blocks - (scale * zero).unsqueeze(-1)).reshape(8, 128)
+    torch.testing.assert_close(as_blocks, lin.dequantized(), rtol=1e-6, atol=1e-6)
+    assert own_block_params(lin, 5) is None  # other bits: re-solved

@@ -25,7 +25,8 @@ GROUPS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 @pytest.fixture(scope="module")
 def gptq_reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("gptq") / "out"
-    r = neuqi("quantize", str(tiny_llama), "--out", str(out), *GPTQ)
+    # --keep-job: a test checks that the full Hessians are deleted as soon as their layer is done
+    r = neuqi("quantize", str(tiny_llama), "--out", str(out), *GPTQ, "--keep-job")
     assert r.returncode == 0, r.stderr
     return out, r.stderr
 

@@ -385,8 +385,9 @@ def load_tokenizer(path: Path) -> Any:
         raise UserError(f"{path}: no usable tokenizer in the model folder ({msg})") from None
 
 
-def resolve_model(model: str) -> Path:
-    """A local folder as is; ``"smollm2"`` is the demo model; anything else a hub id, downloaded."""
+def resolve_model(model: str, arg: str = "MODEL") -> Path:
+    """A local folder as is; ``"smollm2"`` is the demo model; anything else a hub id, downloaded.
+    ``arg``: how the command's usage names the argument, for the error message."""
     local = Path(model).expanduser()
     if local.is_dir():
         return local
@@ -395,7 +396,7 @@ def resolve_model(model: str) -> Path:
 
         return ensure_smollm2()
     if not _HUB_ID.match(model) or local.exists():
-        raise UserError(f"--model {model}: folder does not exist")
+        raise UserError(f"{arg} {model}: folder does not exist")
     try:
         from huggingface_hub import snapshot_download
 
@@ -403,6 +404,6 @@ def resolve_model(model: str) -> Path:
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: all the same to the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"--model {model}: no such folder, and the hub id could not be fetched ({msg}); "
+            f"{arg} {model}: no such folder, and the hub id could not be fetched ({msg}); "
             f"pass a local folder with config.json and *.safetensors"
         ) from None

@@ -7,7 +7,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,7 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal, and in a log file (where rich
+# would otherwise wrap at 80 columns, mid-word)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 class Method(str, Enum):
@@ -55,6 +57,20 @@ class ExportFormat(str, Enum):
     gguf_q2_k = "gguf-q2_k"
 
 
+LOG_JSON_HELP = ("Progress and messages on stderr as JSON lines (time, event, message, done, "
+                 "total, elapsed_s, eta_s). Default: a live bar on a terminal, else one plain line "
+                 "per layer and stage with elapsed time and ETA.")
+
+KEEP_JOB_HELP = ("Keep the job store's intermediate arrays after a complete run (default: deleted "
+                 "once the output is written; the options and completion records stay).")
+
+
+def _log(as_json: bool) -> Any:
+    from neuqi.progress import Log
+
+    return Log(err, "json" if as_json else "auto")
+
+
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(
@@ -64,7 +80,7 @@ def quantize(
     job: Annotated[Path | None, typer.Option(
         help="Job store folder (intermediate results; default: <out>.job). Reusing it resumes.")
     ] = None,
-    bits: Annotated[int, typer.Option(help="Bits per weight (2..8).")] = 4,
+    bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3 or 4.")] = 4,
     group_size: Annotated[int, typer.Option(
         help="Input channels per group; -1 = one group per output channel.")] = 128,
     method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
@@ -115,6 +131,8 @@ def quantize(
         help="Where --format writes (default: <out>-compressed-tensors, <out>.gguf or "
              "<out>-<type>.gguf).")
     ] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
+    keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     if format is ExportFormat.compressed_tensors and method is Method.neuqi:
@@ -135,7 +153,7 @@ def quantize(
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
     )
-    result = run(config, job, device.value, err, scheduler)
+    result = run(config, job, device.value, _log(log_json), scheduler, keep_job)
     if format is not None:
         suffix = {"compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}.get(
             format.value, f"-{format.value.removeprefix('gguf-')}.gguf")
@@ -153,11 +171,13 @@ def resume(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
              "joins a running cluster (workers must see the job store and the model under the "
              "same paths). Default: in this process. The result is the same.")] = None,
+    log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
+    keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
 ) -> None:
     """Continue a stopped job with the options it was started with."""
     from neuqi.pipeline.runner import resume as run
 
-    typer.echo(str(run(job, device.value, err, scheduler)))
+    typer.echo(str(run(job, device.value, _log(log_json), scheduler, keep_job)))
 
 
 @app.command()
@@ -166,25 +186,26 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show how far a job has got."""
-    from neuqi.pipeline.runner import status as get_status
+    from neuqi.pipeline.jobinfo import job_status  # plain files only: answers at once
 
-    info = get_status(job)
+    info = job_status(job)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    table = Table(title=f"job {info['job']}")
+    console = Console(soft_wrap=True, highlight=False)
+    console.print(f"job {info['job']}", markup=False)
+    table = Table()
     table.add_column("stage")
     table.add_column("done", justify="right")
     table.add_column("total", justify="right")
     for stage, counts in info["stages"].items():
         table.add_row(stage, str(counts["done"]), str(counts["total"]))
     table.add_row("all", str(info["done"]), str(info["total"]))
-    console = Console()
     console.print(table)
     state = "complete" if info["complete"] else "incomplete"
     if info["lock"]:
         state += f", running as process {info['lock'].get('pid')}"
-    console.print(f"model {info['model']} -> {info['out']}: {state}")
+    console.print(f"model {info['model']} -> {info['out']}: {state}", markup=False)
 
 
 @app.command(name="eval")
@@ -217,6 +238,7 @@ def _export(output: Path, fmt: ExportFormat, out: Path, model: str | None, devic
     report = run(output, fmt.value, out.expanduser(), model, device,
                  lambda msg: err.print(msg, markup=False, highlight=False, soft_wrap=True))
     err.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    err.print(report.sizes(), markup=False, highlight=False, soft_wrap=True)
     typer.echo(report.out)
 
 

@@ -80,7 +80,7 @@ def distill_output(
         raise UserError(f"{source_dir}: not a neuqi output (no neuqi.json); pass a folder "
                         f"written by `neuqi quantize`")
     source = NeuqiOutput.open(source_dir)
-    ckpt = Checkpoint.open(resolve_model(teacher))
+    ckpt = Checkpoint.open(resolve_model(teacher, "--teacher"))
     wanted = {n for n in ckpt.names if not n.endswith("rotary_emb.inv_freq")}
     have = set(source.quantized) | {
         n for n in source.plain_names if not n.endswith("rotary_emb.inv_freq")

@@ -95,7 +95,7 @@ class _CheckpointModel:
     def __init__(self, model: str) -> None:
         from neuqi.checkpoint import Checkpoint, resolve_model
 
-        self.ckpt = Checkpoint.open(resolve_model(model))
+        self.ckpt = Checkpoint.open(resolve_model(model, "MODEL_OR_OUTPUT"))
         self.path = self.ckpt.path
         self.config = self.ckpt.config
         self.layer_count = self.ckpt.layer_count

@@ -45,6 +45,11 @@ class ExportReport:
     tensors: int
     hessian: bool
     notes: list[str] = field(default_factory=list)
+    linears: int = 0  # quantized linears
+    re_solved: int = 0  # of them, solved again for the format (not the output's own codes)
+    re_solve_why: str = ""
+    bytes: int = 0  # of the exported file or folder
+    native_bytes: int = 0  # of the native output folder
 
     @property
     def added_loss(self) -> float | None:
@@ -59,10 +64,28 @@ class ExportReport:
         if self.native_loss is None or self.export_loss is None:
             return f"{self.format}: weighted loss not measured (no source weights)"
         rel = self.added_loss / self.native_loss if self.native_loss > 0 else 0.0
-        return (
+        line = (
             f"{self.format}: weighted loss {self.export_loss:.6g} vs native {self.native_loss:.6g}"
             f" (added {self.added_loss:+.4g}, {100 * rel:+.3f}%)"
         )
+        if self.re_solved:
+            line += (
+                f"; {self.re_solved} of {self.linears} linears re-solved for the format "
+                f"({self.re_solve_why}): both losses are sum h (w - ŵ)² over the same original "
+                f"weights with the same Hessian diagonal, of two different quantizations"
+            )
+        return line
+
+    def sizes(self) -> str:
+        return (f"{self.out}: {self.bytes / 1e6:.1f} MB; the native output: "
+                f"{self.native_bytes / 1e6:.1f} MB")
+
+
+def _bytes(path: Path) -> int:
+    """Size of a file, or of the files in a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _exporter(fmt: str, source: ExportSource, out: Path) -> Any:
@@ -110,23 +133,34 @@ def export(
         for name in source.plain_names:
             exporter.add_plain(name, source.plain(name))
         notes = list(exporter.notes)  # before finalize: they go into the exported metadata
+        if getattr(exporter, "resolved", None):
+            notes.append(
+                f"note: {len(exporter.resolved)} linear(s) have float zero-points, which {fmt} "
+                f"cannot store: re-solved with integer zero-points (NeUQI-int) from the original "
+                f"weights and the stored Hessian diagonal; the added loss is NeUQI-int's over "
+                f"NeUQI's"
+            )
         if getattr(exporter, "rounded", None):
             notes.append(
                 f"warning: {len(exporter.rounded)} linear(s) have float zero-points, which "
-                f"{fmt} cannot store: rounded to integers (solve with --method neuqi-int to "
-                f"avoid this loss)"
+                f"{fmt} cannot store, and their original weights are not available: zero-points "
+                f"rounded to integers (pass --model to re-solve them with NeUQI-int instead)"
             )
         report = ExportReport(
             format=getattr(exporter, "format_name", fmt), out=str(exporter.target.path),
             native_loss=native_total if measured else None,
             export_loss=export_total if measured else None,
             tensors=len(source.quantized_names) + len(source.plain_names),
-            hessian=source.has_hessian, notes=notes,
+            hessian=source.has_hessian, notes=notes, linears=len(source.quantized_names),
+            re_solved=sum(len(getattr(exporter, k, [])) for k in ("re_solved", "resolved",
+                                                                     "rounded")),
+            re_solve_why="; ".join(sorted(getattr(exporter, "re_solve_why", set()))),
         )
         exporter.finalize(report.as_dict())
     except BaseException:
         exporter.abort()
         raise
+    report.bytes, report.native_bytes = _bytes(Path(report.out)), _bytes(source.path)
     for note in report.notes:
         say(note)
     return report

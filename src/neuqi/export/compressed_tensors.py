@@ -12,8 +12,11 @@ with an integer zero-point in ``[0, 2**bits)``. A float zero-point does not surv
 takes int8 values only and the loader unpacks the zero-point as integers (``zp_dtype`` is used
 only when initialising the parameters; ``pack_to_int32`` rejects anything but int8). So a job meant
 for this format is solved with ``--method neuqi-int`` (exported without change, up to the cast of
-the scale to the model's dtype); a float zero-point output is rounded here, with a warning and
-the weighted loss it adds.
+the scale to the model's dtype). A float zero-point output (``--method neuqi``) is re-solved here
+with integer zero-points, NeUQI-int (:func:`neuqi.solver.quantize_tensor`), from the original
+weights and the Hessian diagonal the output stores: what a ``--method neuqi-int`` job would have
+written for that linear. Rounding the float zero-point instead costs several times more (the codes
+were chosen for the float one); it is done only when the original weights are not available.
 """
 
 from __future__ import annotations
@@ -40,10 +43,28 @@ def _pack_int32(values: torch.Tensor, bits: int, packed_dim: int = 1) -> torch.T
     return pack_to_int32(values.to(torch.int8), bits, packed_dim=packed_dim)
 
 
+def has_integer_zero_points(lin: NativeLinear) -> bool:
+    z = lin.zero_point
+    return bool(torch.equal(z.round().clamp(0, 2**lin.bits - 1), z))
+
+
+def resolve_integer(lin: NativeLinear, device: torch.device | str = "cpu",
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and integer zero-point of ``lin`` solved by NeUQI-int from its original
+    weights and stored Hessian diagonal (``lin.weight`` must be there)."""
+    from neuqi.solver import quantize_tensor
+
+    assert lin.weight is not None
+    q = quantize_tensor(lin.weight, lin.h_diag, bits=lin.bits, group_size=lin.group_size,
+                        method="neuqi-int", device=device, name=lin.name)
+    return q.codes.cpu(), q.scale.cpu(), q.zero_point.cpu()
+
+
 def integer_params(lin: NativeLinear) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Codes and an integer zero-point in ``[0, 2**bits)`` for ``lin``; and whether anything
-    had to change (a float or out-of-range zero-point: rounded and clamped, codes re-rounded from
-    the original weights, or from the native dequantized weights when those are not available)."""
+    """Codes and an integer zero-point in ``[0, 2**bits)`` for ``lin`` by rounding; and whether
+    anything had to change (a float or out-of-range zero-point: rounded and clamped, codes
+    re-rounded from the original weights, or from the native dequantized weights when those are
+    not available)."""
     levels = 2**lin.bits
     z = lin.zero_point
     z_int = z.round().clamp(0, levels - 1)
@@ -75,7 +96,9 @@ class CompressedTensorsExporter:
         dtype_name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         self.dtype = _DTYPES.get(dtype_name, torch.float32)
         self.notes: list[str] = []
-        self.rounded: list[str] = []
+        self.rounded: list[str] = []  # float zero-points rounded (no original weights)
+        self.resolved: list[str] = []  # float zero-points re-solved with NeUQI-int
+        self.re_solve_why = {"integer zero-points: NeUQI-int"}
         self._schemes: dict[tuple[int, int], list[str]] = {}
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
@@ -87,10 +110,16 @@ class CompressedTensorsExporter:
     def add_linear(self, lin: NativeLinear) -> torch.Tensor:
         """Store ``lin``; return the weight the loader will compute, float32 ``[out, in]``."""
         bits = lin.bits
-        codes, z, changed = integer_params(lin)
-        if changed:
+        scale = lin.scale
+        if has_integer_zero_points(lin):
+            codes, z = lin.codes, lin.zero_point
+        elif lin.weight is not None:
+            codes, scale, z = resolve_integer(lin, self.source.device)
+            self.resolved.append(lin.name)
+        else:
+            codes, z, _ = integer_params(lin)
             self.rounded.append(lin.name)
-        scale = lin.scale.to(self.dtype)
+        scale = scale.to(self.dtype)
         offset = 1 << (bits - 1)
         prefix = lin.name[: -len(".weight")]
         self._put(f"{prefix}.weight_packed", _pack_int32(codes.to(torch.int16) - offset, bits))

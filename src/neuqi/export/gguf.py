@@ -4,15 +4,20 @@ Quantized linears:
 
 * ``Q4_1`` / ``Q5_1``: blocks of 32 weights with an fp16 scale ``d`` and an fp16 offset ``m``,
   ``ŵ = d·q + m``. That is NeUQI's ``ŵ = s·(q - z)`` with group 32 and ``m = -s·z``, float
-  zero-point included: an output quantized with 4 (5) bits and group 32 is written with its own
-  codes, losing only the fp16 rounding of ``s`` and ``-s·z``. Other outputs are re-solved at
+  zero-point included: an output quantized with 4 (5) bits and groups of 32, 64, 128, ... (each
+  group is blocks of 32 with its (s, z)) is written with its own codes, losing only the fp16
+  rounding of ``s`` and ``-s·z``. Other outputs (other bits, groups of 16) are re-solved at
   group 32 with the same method and Hessian.
 * ``Q4_K`` / ``Q5_K`` / ``Q2_K``: super-blocks of 256 with quantized sub-block scales and minimums,
   solved under that constraint (:mod:`neuqi.export.kquants`). A row length that is not a multiple
   of 256 cannot be a K-quant: such tensors are written as Q4_1 (Q5_1 for Q5_K), as llama.cpp's own
   quantizer also falls back.
 
-Everything else (embeddings, norms, biases, an untied head) is F32. Tensor names, metadata and
+The other tensors are written as llama.cpp's converter writes them with ``--outtype q8_0``
+(``convert_hf_to_gguf.py``): two-dimensional ones (the token embedding, an untied head) as
+``Q8_0`` (blocks of 32 int8 with an fp16 scale; F16 when a row is not a multiple of 32), norms and
+biases as F32. So the file is about the size of the native output or smaller (the token embedding
+of a small model is a large part of it), not larger. Tensor names, metadata and
 the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
 ``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
 applies rotary embeddings to interleaved pairs, transformers to halves).
@@ -108,6 +113,19 @@ def pack_kquant(k: KQuantized) -> np.ndarray:
     return np.concatenate(parts, axis=-1)
 
 
+def own_block_params(lin: NativeLinear, bits: int) -> tuple[torch.Tensor, ...] | None:
+    """The output's own codes, with its scales and zero-points ``[out, in/32]`` per block of 32:
+    a group of ``k·32`` weights with one (s, z) is ``k`` blocks with that (s, z), so an output with
+    ``bits`` bits and groups of 32, 64, 128, ... (or per channel, rows a multiple of 32) is written
+    as it is. None when it has other bits or groups (then the export re-solves)."""
+    g = lin.group_length
+    if lin.bits != bits or g % BLOCK:
+        return None
+    k = g // BLOCK
+    return (lin.codes, lin.scale.repeat_interleave(k, dim=1),
+            lin.zero_point.repeat_interleave(k, dim=1))
+
+
 # ------------------------------------------------------------------------------ the model
 def qk_permutation(rows: int, n_head: int) -> torch.Tensor:
     """Row order of convert_hf_to_gguf's ``permute``: GGUF row ``r`` is transformers row
@@ -172,12 +190,19 @@ class GGUFExporter:
         self.writer = gguf.GGUFWriter(None, self.arch, use_temp_file=True)
         self._notes: list[str] = []
         self.types: dict[str, str] = {}
+        self.plain_types: dict[str, str] = {}  # 2-D tensors that are not quantized linears
+        self.re_solved: list[str] = []  # linears not written with the output's own codes
+        self.re_solve_why: set[str] = set()
         self.fallback: list[str] = []
         self._metadata()  # only kept until finalize; a bad tokenizer fails before any solve
 
     @property
     def notes(self) -> list[str]:
         notes = list(self._notes)
+        for name, kind in sorted(self.plain_types.items()):
+            notes.append(f"note: {name} written as {kind}, as llama.cpp's convert_hf_to_gguf.py "
+                         f"--outtype q8_0 does (not in the weighted loss, which covers the "
+                         f"quantized linears)")
         if self.fallback:
             kinds = sorted({self.types[n] for n in self.fallback if n in self.types})
             notes.append(
@@ -217,6 +242,8 @@ class GGUFExporter:
             k = solve_kquant(weight, lin.h_diag, KSPECS[qtype], method=lin.method or "neuqi",
                              device=self.source.device)
             k = KQuantized(k.codes.cpu(), k.d.cpu(), k.dmin.cpu(), k.sc.cpu(), k.mn.cpu(), k.spec)
+            self.re_solved.append(lin.name)
+            self.re_solve_why.add(f"{qtype}: solved under its quantized sub-block scales")
             approx = k.dequantize()
             blocks = pack_kquant(k).reshape(out_f, -1)
         else:
@@ -237,9 +264,11 @@ class GGUFExporter:
 
     def _block_params(self, lin: NativeLinear, bits: int) -> tuple[torch.Tensor, ...]:
         """Codes ``[out, in]`` and per-block d, m ``[out, in/32]`` (float32) for a 32-block type:
-        the output's own when it has ``bits`` and group 32, else re-solved at group 32."""
-        if lin.bits == bits and lin.group_length == BLOCK:
-            codes, scale, zero = lin.codes, lin.scale, lin.zero_point
+        the output's own (:func:`own_block_params`) when it has ``bits`` and groups of a multiple
+        of 32, else re-solved at group 32."""
+        own = own_block_params(lin, bits)
+        if own is not None:
+            codes, scale, zero = own
         else:
             if lin.codes.shape[1] % BLOCK:
                 raise UserError(f"{lin.name}: {lin.codes.shape[1]} inputs is not a multiple of 32; "
@@ -250,13 +279,29 @@ class GGUFExporter:
             codes, scale, zero = q.codes.cpu(), q.scale.cpu(), q.zero_point.cpu()
             if lin.name not in self.fallback:
                 self.fallback.append(lin.name)
+            self.re_solved.append(lin.name)
+            group = "per channel" if lin.group_size == -1 else f"groups of {lin.group_size}"
+            self.re_solve_why.add(f"{bits}-bit blocks of {BLOCK}, NeUQI at group {BLOCK}; the "
+                                  f"output has {lin.bits} bits, {group}")
         return codes, scale, -scale * zero
 
     def add_plain(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor that is not a quantized linear: Q8_0 (F16) if 2-D, else F32."""
+        import gguf
+
         if name.endswith("rotary_emb.inv_freq"):
             return
         data = tensor.to(torch.float32).contiguous().numpy()
-        self.writer.add_tensor(self._gguf_name(name), data)
+        if data.ndim == 2 and data.shape[1] % BLOCK == 0:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            self.writer.add_tensor(self._gguf_name(name), gguf.quants.quantize(data, qtype),
+                                   raw_dtype=qtype)
+            self.plain_types[name] = "Q8_0"
+        elif data.ndim == 2:
+            self.writer.add_tensor(self._gguf_name(name), data.astype(np.float16))
+            self.plain_types[name] = "F16"
+        else:
+            self.writer.add_tensor(self._gguf_name(name), data)
 
     # --------------------------------------------------------------------------- metadata
     def _metadata(self) -> None:

@@ -10,8 +10,11 @@ import torch
 
 from neuqi.errors import UserError
 from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
-from neuqi.solver import METHODS, check_bits
+from neuqi.solver import METHODS
 
+# What the README documents and the quality table measures; the solver itself takes 2..8 (the GGUF
+# export re-solves at 5 bits for Q5_1 / Q5_K).
+BITS = (2, 3, 4)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_VERSION = 1
 
@@ -41,7 +44,9 @@ class QuantizeConfig:
     distill_norms: bool = False  # also train the RMSNorm weights
 
     def validate(self) -> None:
-        check_bits(self.bits)
+        if self.bits not in BITS:
+            raise UserError(f"--bits {self.bits}: neuqi quantizes to 2, 3 or 4 bits (the settings "
+                            f"the README documents and measures); choose one of them")
         if self.method == LAZY_MINMAX and not self.gptq:
             raise UserError(f"--method {LAZY_MINMAX} is GPTQ's own Min-Max: add --gptq, or use "
                             "--method minmax")

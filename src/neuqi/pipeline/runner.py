@@ -8,6 +8,8 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +17,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.devices import resolve_device
 from neuqi.errors import UserError, disk_full_is_user_error
-from neuqi.models import LLAMA_LIKE
 from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline import tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir
@@ -39,8 +32,10 @@ from neuqi.pipeline.executor import (
     is_remote,
     open_executor,
 )
+from neuqi.pipeline.jobinfo import job_status
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
+from neuqi.progress import Log, Steps
 from neuqi.solver import check_group_size
 from neuqi.stages.common import acts_name, fp_acts_name
 from neuqi.stages.forward import create_next_acts
@@ -53,13 +48,16 @@ __all__ = ["KILL_AFTER_ENV", "Job", "quantize", "resolve_device", "resume", "sta
 
 def quantize(
     config: QuantizeConfig, job: str | Path | None = None, device: str = "auto",
-    console: Console | None = None, scheduler: str | None = None,
+    console: Console | Log | None = None, scheduler: str | None = None, keep_job: bool = False,
 ) -> Path:
     """Quantize ``config.model`` into ``config.out``, resuming the job store ``job`` if it exists
     (default: ``<out>.job``). ``scheduler``: None to compute in this process, ``local[:N]`` or a
-    dask scheduler address to run the tasks on a dask cluster (same result). Returns the output
-    folder."""
-    console = console or Console(stderr=True)
+    dask scheduler address to run the tasks on a dask cluster (same result). Progress goes to
+    ``console`` (a :class:`neuqi.progress.Log`, or a rich Console: a bar on a terminal, plain
+    lines otherwise). After a complete run the job store's arrays are deleted (its options and
+    completion records stay, so a rerun says it is complete) unless ``keep_job``. Returns the
+    output folder."""
+    log = Log.of(console)
     config.validate()
     check_scheduler(scheduler)
     if not is_remote(scheduler):
@@ -81,19 +79,40 @@ def quantize(
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
         store = JobStore.create_or_open(job_dir, manifest)
         with store.locked(), open_executor(scheduler, device) as executor:
-            return Job(store, ckpt, config, executor.device, console, executor).run(windows)
+            return Job(store, ckpt, config, executor.device, log, executor,
+                       keep_job).run(windows)
 
 
 def resume(
-    job: str | Path, device: str = "auto", console: Console | None = None,
-    scheduler: str | None = None,
+    job: str | Path, device: str = "auto", console: Console | Log | None = None,
+    scheduler: str | None = None, keep_job: bool = False,
 ) -> Path:
     """Continue the job in store ``job`` with the options it was made with."""
     store = JobStore.open_existing(job)
     if "neuqi_distill" in store.manifest:
         raise UserError(f"{job}: is the job store of `neuqi distill`; run that distill command "
                         f"again to resume it")
-    return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console, scheduler)
+    return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console, scheduler,
+                    keep_job)
+
+
+#: Completion record of a finished job whose arrays were deleted (not a step of the job).
+PRUNED = "pruned"
+
+
+def _folder_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 @dataclass
@@ -119,8 +138,9 @@ class Job:
     ckpt: Checkpoint
     config: QuantizeConfig
     device: torch.device
-    console: Console
+    log: Log
     executor: Executor | None = None
+    keep_job: bool = False  # else the arrays are deleted once the output is written
 
     def __post_init__(self) -> None:
         if self.executor is None:
@@ -151,22 +171,24 @@ class Job:
     def run(self, windows: torch.Tensor) -> Path:
         cfg, ckpt, store = self.config, self.ckpt, self.store
         n = ckpt.layer_count
+        out = Path(cfg.out).expanduser()
+        if store.is_done("pack") and is_neuqi_output(out):
+            self.log.info(f"job {store.path} is complete: the output is {out} (nothing to do)")
+            return out
+        if store.is_done(PRUNED):
+            raise UserError(
+                f"--out {out} is missing, and job store {store.path} finished and deleted its "
+                f"intermediate results (run without --keep-job): delete {store.path} and run the "
+                f"command again to quantize from the start"
+            )
         done, total = self.units()
         if done:
-            self.console.print(f"resuming job {store.path}: {done}/{total} steps already done")
-        columns = (
-            TextColumn("[progress.description]{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("quantize", total=total, completed=done)
-
-            def step(description: str) -> None:
-                progress.update(task, advance=1, description=description)
-
+            self.log.info(f"resuming job {store.path}: {done}/{total} steps already done")
+        with self.log.steps(total, done) as steps:
             if not store.is_done("embed"):
+                steps.stage("embed")
                 self.submit(tasks.embed_task, windows, key="embed").result()
-                step("embed")
+                steps.advance("embed")
             pending: list[Pending] = []  # layers whose solves are submitted, oldest first
             for i in range(n):
                 last = i == n - 1
@@ -179,7 +201,7 @@ class Job:
                     store.delete(fp_acts_name(i))
                     continue
                 if not store.is_done(f"hessian/{i}"):
-                    progress.update(task, description=f"layer {i + 1}/{n} hessian")
+                    steps.stage(f"layer {i + 1}/{n} hessian")
                     # GPTQ's float32 full Hessians are summed in one task: one order, one result
                     sums = [s for f in self._submit_batches(tasks.hessian_task, i, "hessian",
                                                             whole=cfg.gptq)
@@ -188,29 +210,28 @@ class Job:
                     if cfg.gptq:
                         arrays += [hessian_name(i, g) for g, _ in ckpt.arch.linear_groups]
                     self.mark(f"hessian/{i}", arrays)
-                    step(f"layer {i + 1}/{n} hessian")
+                    steps.advance(f"layer {i + 1}/{n} hessian")
                 pending.append(self._submit_solves(i, started))
                 if (cfg.sequential and not last) or cfg.distill_steps:
                     # the forward pass needs the quantized weights, distillation the codes
                     for future in pending[-1].futures.values():
                         future.result()
                 if cfg.distill_steps:
-                    self._distill_layer(i, progress, task, step)
+                    self._distill_layer(i, steps)
                 if not last:
-                    progress.update(task, description=f"layer {i + 1}/{n} forward")
+                    steps.stage(f"layer {i + 1}/{n} forward")
                     dst = create_next_acts(store, i, cfg.torch_dtype)
                     for f in self._submit_batches(tasks.forward_task, i, "forward"):
                         f.result()
                     self.mark(f"forward/{i}", [dst])
-                    step(f"layer {i + 1}/{n} forward")
+                    steps.advance(f"layer {i + 1}/{n} forward")
                 store.delete(acts_name(i))
                 store.delete(fp_acts_name(i))
-                self._finish_solves(pending, progress, step, wait=False)
-            self._finish_solves(pending, progress, step, wait=True)
+                self._finish_solves(pending, steps, wait=False)
+            self._finish_solves(pending, steps, wait=True)
             store.delete(fp_acts_name(n))  # the last layer's distillation target
-            out = Path(cfg.out).expanduser()
             if not (store.is_done("pack") and is_neuqi_output(out)):
-                progress.update(task, description="pack")
+                steps.stage("pack")
                 info = {
                     "bits": cfg.bits, "group_size": cfg.group_size, "method": cfg.method,
                     "calibration": {
@@ -227,30 +248,53 @@ class Job:
                 run_pack(store, ckpt, out, info)
                 if not store.is_done("pack"):
                     self.mark("pack", [], {"out": str(out)})
-                    step("pack")
-            progress.update(task, completed=total, description="done")
-        self.console.print(f"quantized model written to {out}")
+                    steps.advance("pack")
+            steps.finish()
+        self.log.info(f"quantized model written to {out}")
+        self._prune_or_keep()
         return out
+
+    def _prune_or_keep(self) -> None:
+        """Once the output is written: delete the job store's arrays (activations, Hessian
+        diagonals, solved parameters), which nothing reads afterwards (`neuqi eval` and
+        `neuqi export` read the output), unless --keep-job. The options and completion records
+        stay: the same command or `neuqi resume` then says the job is complete."""
+        store = self.store
+        before = _folder_bytes(store.path)
+        if self.keep_job:
+            self.log.info(f"job store {store.path} kept whole ({_size(before)}; --keep-job): "
+                          f"delete it when it is no longer needed")
+            return
+        # recorded first: a store killed while pruning is known to have lost its arrays
+        store.mark_done(PRUNED, {"bytes_before": before})
+        for top in sorted({name.split("/")[0] for name in store.array_names()}):
+            store.delete(top)  # every array under it, and its groups
+        after = _folder_bytes(store.path)
+        self.log.info(
+            f"job store {store.path}: deleted its intermediate arrays ({_size(before - after)}), "
+            f"kept its options and completion records ({_size(after)}) so that the same command "
+            f"or `neuqi resume` says the job is complete; --keep-job keeps everything"
+        )
 
     def _solved(self, i: int) -> bool:
         return all(self.store.is_done(f"solve/{i}/{lin}") for lin in self.ckpt.arch.linears)
 
-    def _distill_layer(self, i: int, progress: Progress, task: Any, step: Any) -> None:
+    def _distill_layer(self, i: int, steps: Steps) -> None:
         """Stages forward_fp/i (the full-precision stream) and distill/i, after layer i's solves."""
         store, n = self.store, self.ckpt.layer_count
         if not store.is_done(f"forward_fp/{i}"):
-            progress.update(task, description=f"layer {i + 1}/{n} forward fp")
+            steps.stage(f"layer {i + 1}/{n} forward fp")
             self.submit(tasks.forward_fp_task, i, key=f"forward_fp/{i}").result()
-            step(f"layer {i + 1}/{n} forward fp")
+            steps.advance(f"layer {i + 1}/{n} forward fp")
         fresh = not store.is_done(f"distill/{i}")
         if fresh:
-            progress.update(task, description=f"layer {i + 1}/{n} distill")
+            steps.stage(f"layer {i + 1}/{n} distill")
         info = self.submit(tasks.distill_task, i, key=f"distill/{i}").result()
         if fresh:
-            step(f"layer {i + 1}/{n} distill")
-        progress.console.print(
+            steps.advance(f"layer {i + 1}/{n} distill", report=False)
+        steps.say(
             f"layer {i + 1}/{n}: distilled, mse {info['mse_before']:.4g} -> "
-            f"{info['mse_after']:.4g}"
+            f"{info['mse_after']:.4g}", progress=True,
         )
 
     def _submit_batches(self, fn: Any, i: int, what: str, whole: bool = False) -> list[Any]:
@@ -272,8 +316,7 @@ class Job:
                                               key=tasks.solve_key(i, linear))
         return Pending(i, started, futures, fresh)
 
-    def _finish_solves(self, pending: list[Pending], progress: Progress, step: Any, *,
-                       wait: bool) -> None:
+    def _finish_solves(self, pending: list[Pending], steps: Steps, *, wait: bool) -> None:
         """Collect the solves of the layers in ``pending``, oldest first (all of them if ``wait``,
         else only while the oldest layer's are done), and report each layer's losses."""
         n = self.ckpt.layer_count
@@ -282,50 +325,20 @@ class Job:
             i, losses = layer.index, {}
             for linear, future in layer.futures.items():
                 losses[linear] = future.result()
-                if linear in layer.fresh:
-                    step(f"layer {i + 1}/{n} {linear}")
+                if linear in layer.fresh:  # one line per layer, below
+                    steps.advance(f"layer {i + 1}/{n} {linear}", report=False)
             self.store.delete(hessians_name(i))  # GPTQ's: only this layer's solves need them
             if not layer.fresh:
                 continue  # reported by the run that solved it
             summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
             what = "output error" if self.config.gptq else "weighted loss"
             summary += raised_damping_note(self.store, i, self.ckpt.arch.linears)
-            progress.console.print(
+            steps.say(
                 f"layer {i + 1}/{n}: {what} {summary} "
-                f"({time.perf_counter() - layer.started:.1f} s)"
+                f"({time.perf_counter() - layer.started:.1f} s)", progress=True,
             )
 
 
 def status(job: str | Path) -> dict[str, Any]:
-    """Progress of the job in store ``job``: per stage, how many steps are done of how many."""
-    store = JobStore.open_existing(job)
-    config = QuantizeConfig.from_manifest(store.manifest)
-    records = store.records()
-    layers = sorted({int(k.split("/")[1]) for k in records if k.count("/") >= 1} | {0})
-    try:
-        ckpt = Checkpoint.open(resolve_model(config.model))
-        n, linears = ckpt.layer_count, len(ckpt.arch.linears)
-    except UserError:  # the model folder is gone: count from the records and the common layout
-        n, linears = max(layers) + 1, len(LLAMA_LIKE.linears)
-    stages = {
-        "embed": (sum(k == "embed" for k in records), 1),
-        "hessian": (sum(k.startswith("hessian/") for k in records), n),
-        "solve": (sum(k.startswith("solve/") for k in records), n * linears),
-        "forward": (sum(k.startswith("forward/") for k in records), n - 1),
-        **({"distill": (sum(k.startswith("distill/") for k in records), n)}
-           if config.distill_steps else {}),
-        "pack": (sum(k == "pack" for k in records), 1),
-    }
-    done = sum(d for d, _ in stages.values())
-    total = sum(t for _, t in stages.values())
-    return {
-        "job": str(store.path),
-        "model": config.model,
-        "out": config.out,
-        "options": store.manifest["options"],
-        "stages": {k: {"done": d, "total": t} for k, (d, t) in stages.items()},
-        "done": done,
-        "total": total,
-        "complete": stages["pack"][0] == 1,
-        "lock": store.lock_info() if store.lock_is_live() else None,
-    }
+    """Progress of the job in store ``job`` (see :func:`neuqi.pipeline.jobinfo.job_status`)."""
+    return job_status(job)
