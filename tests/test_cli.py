@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import neuqi, neuqi_cmd
 
 from neuqi.pipeline.store import JobStore
 
@@ -25,17 +26,10 @@ def neuqi_to_file(log: Path, *args: str) -> subprocess.CompletedProcess:
     it; a narrow COLUMNS would make rich wrap lines if it did."""
     with log.open("w") as f:
         return subprocess.run(
-            [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
-            check=False, stdout=subprocess.PIPE, stderr=f, text=True, timeout=600,
+            neuqi_cmd(*args), check=False, stdout=subprocess.PIPE, stderr=f, text=True,
+            timeout=600,
             env={**os.environ, "COLUMNS": "60"},
         )
-
-
-def neuqi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import neuqi
 
 from neuqi.errors import UserError
 from neuqi.evaluate import eval_windows, perplexity, read_eval_text
@@ -24,13 +22,6 @@ from neuqi.pipeline.runner import quantize
 WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
 WIKITEXT_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
 SEQLEN = 64
-
-
-def neuqi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
-        check=False, capture_output=True, text=True, env=dict(os.environ), timeout=600,
-    )
 
 
 def test_the_repository_carries_the_wikitext2_test_split_byte_for_byte():

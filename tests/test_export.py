@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import neuqi
 from safetensors.torch import load_file
 
 from neuqi.export import export
@@ -19,13 +17,6 @@ from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
 
 TINY = {"nsamples": 4, "seqlen": 32, "batch_size": 3}
-
-
-def neuqi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", "from neuqi.cli import main; main()", *args],
-        check=False, capture_output=True, text=True, env=dict(os.environ), timeout=600,
-    )
 
 
 def _quantize(model: Path, out: Path, **options) -> Path:
