@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 
 from neuqi.errors import UserError
 from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
-from neuqi.solver import METHODS, check_bits
+from neuqi.solver import BACKENDS, METHODS, check_bits, resolve_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_VERSION = 1
@@ -39,6 +39,8 @@ class QuantizeConfig:
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
+    # implementation of the NeUQI search (neuqi.solver.BACKENDS); `resolved` makes it concrete
+    solver_backend: str = "auto"
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -50,6 +52,9 @@ class QuantizeConfig:
                             f"(or {LAZY_MINMAX} with --gptq)")
         if self.group_size != -1 and self.group_size <= 0:
             raise UserError(f"--group-size {self.group_size}: use a positive size or -1")
+        if self.solver_backend not in BACKENDS:
+            raise UserError(f"--solver-backend {self.solver_backend}: choose one of "
+                            f"{', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
@@ -65,11 +70,24 @@ class QuantizeConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def resolved(self, device: torch.device | str | None) -> QuantizeConfig:
+        """This config with ``solver_backend`` made concrete for ``device`` (``reference`` when
+        the method has no NeUQI search). The job records the concrete backend: the backends give
+        the same scale and zero-point up to ties (equal losses, see neuqi.solver_numba), not bit
+        for bit, so a job resumed with another backend would not be the uninterrupted job, and
+        `neuqi quantize` with another --solver-backend is refused like any other changed option."""
+        backend = resolve_backend(self.solver_backend, device)
+        if self.method in ("minmax", LAZY_MINMAX):
+            backend = "reference"
+        return replace(self, solver_backend=backend)
+
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
         if not self.distill_steps:  # job stores made before distillation existed still match
             for key in ("distill_steps", "distill_lr", "distill_norms"):
                 options.pop(key)
+        if self.solver_backend == "reference":  # as do those made before solver backends
+            options.pop("solver_backend")
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,
@@ -79,7 +97,7 @@ class QuantizeConfig:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
-        return cls(**manifest["options"])
+        return cls(**{"solver_backend": "reference", **manifest["options"]})
 
 
 def default_job_dir(out: str | Path) -> Path:
