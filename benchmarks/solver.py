@@ -8,7 +8,9 @@ Shapes are ``OUTxIN`` or the names of Llama-3.1-70B's linears (default: all four
 8192x8192, ``k_proj`` 1024x8192, ``gate_proj`` 28672x8192, ``down_proj`` 8192x28672). ``--rows
 N`` times the first N rows only (a full 70B matrix takes hours with the slow searches on a
 2-core CPU); every backend works group by group (the reference in chunks of groups), so weights/s
-on a slice carries over to the full matrix, and the table says how many rows were timed.
+on a slice carries over to the full matrix, and the table says how many rows were timed. The
+reference backend runs with torch.compile when the full matrix would (its default for tensors of
+at least ``COMPILE_MIN_WEIGHTS``), also on a slice.
 
 For each shape x bits x group size x method it times :func:`paper_reference.paper_search` (the
 paper's search, same groups and normalised ``h``) and :func:`neuqi.solver.quantize_tensor` with
@@ -126,7 +128,7 @@ def hours(weights_per_s: float) -> str:
 
 
 def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int, method: str,
-               backends: list[str], paper: bool, device: torch.device) -> None:
+               backends: list[str], paper: bool, device: torch.device, full_numel: int) -> None:
     """Time the paper's search and every backend on one weight, bits, group size and method;
     print a table row each."""
     n = weight.numel()
@@ -138,7 +140,9 @@ def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int
               f"| {n / paper_s / 1e6:.3f} | 1.00x | - | 1.000000 | - | - "
               f"| {hours(n / paper_s)} |", flush=True)
     ref_s = ref_l = ref_q = None
-    compile = n >= COMPILE_MIN_WEIGHTS  # the reference's default for the timed tensor
+    # the reference compiles its search (torch.compile) for tensors of at least
+    # COMPILE_MIN_WEIGHTS, as every full 70B matrix is: give a slice the full matrix's setting
+    compile = full_numel >= COMPILE_MIN_WEIGHTS
     for backend in backends:
         def run(w: Tensor, backend: str = backend) -> QuantizedTensor:
             # the warm-up gets the timed call's compile setting (the same padded chunk shape)
@@ -201,7 +205,7 @@ def main() -> None:
             for group in (int(g) for g in args.group_sizes.split(",")):
                 for method in args.methods.split(","):
                     bench_case(label, weight, h_diag, bits, group, method, backends,
-                               not args.no_paper, device)
+                               not args.no_paper, device, out_f * in_f)
 
 
 if __name__ == "__main__":
