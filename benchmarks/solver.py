@@ -2,7 +2,7 @@
 
     python benchmarks/solver.py --device cpu|cuda [--shapes q_proj,k_proj,gate_proj,down_proj]
         [--bits 2,3,4] [--group-sizes 64,128,-1] [--rows 16] [--methods neuqi,neuqi-int]
-        [--backends reference,numba] [--no-paper] [--seed 0]
+        [--backends reference,numba] [--paper all|grouped|none] [--seed 0]
 
 Shapes are ``OUTxIN`` or the names of Llama-3.1-70B's linears (default: all four; ``q_proj``
 8192x8192, ``k_proj`` 1024x8192, ``gate_proj`` 28672x8192, ``down_proj`` 8192x28672). ``--rows
@@ -176,7 +176,9 @@ def main() -> None:
     parser.add_argument("--methods", default="neuqi,neuqi-int")
     parser.add_argument("--backends", default="reference,numba")
     parser.add_argument("--rows", type=int, default=None, help="time the first N rows only")
-    parser.add_argument("--no-paper", action="store_true", help="skip the paper's search")
+    parser.add_argument("--paper", choices=("all", "grouped", "none"), default="all",
+                        help="where to time the paper's search (grouped: not per-channel, where "
+                             "its two sorts of 2m breakpoints per candidate take minutes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -198,14 +200,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (out_f, in_f) in shapes:
         rows = min(args.rows or out_f, out_f)
-        weight, h_cpu = make_inputs(out_f, in_f, args.seed, rows)
+        weight, h_cpu = make_inputs(out_f, in_f, args.seed + out_f, rows)
         weight, h_diag = weight.to(device), h_cpu.to(device)
         label = f"{name} {out_f}x{in_f}" + (f" ({rows} rows)" if rows < out_f else "")
         for bits in (int(b) for b in args.bits.split(",")):
             for group in (int(g) for g in args.group_sizes.split(",")):
                 for method in args.methods.split(","):
-                    bench_case(label, weight, h_diag, bits, group, method, backends,
-                               not args.no_paper, device, out_f * in_f)
+                    paper = args.paper == "all" or (args.paper == "grouped" and group != -1)
+                    bench_case(label, weight, h_diag, bits, group, method, backends, paper,
+                               device, out_f * in_f)
 
 
 if __name__ == "__main__":
