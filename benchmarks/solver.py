@@ -46,7 +46,7 @@ from neuqi.solver import (
     quantize_tensor,
 )
 
-WARMUP_ROWS = 4
+WARMUP_ROWS = 1
 # Llama-3.1-70B: hidden 8192, intermediate 28672, 8 KV heads of 128; 80 layers of
 # q, o (8192x8192), k, v (1024x8192), gate, up (28672x8192) and down (8192x28672).
 LLAMA70B = {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "gate_proj": (28672, 8192),
