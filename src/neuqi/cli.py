@@ -41,6 +41,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class SolverBackend(str, Enum):
+    auto = "auto"
+    numba = "numba"
+    reference = "reference"
+
+
 class DType(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -124,6 +130,11 @@ def quantize(
     distill_norms: Annotated[bool, typer.Option(
         "--distill-norms/--no-distill-norms",
         help="With --distill-steps, also train the RMSNorm weights.")] = False,
+    solver_backend: Annotated[SolverBackend, typer.Option(
+        help="Implementation of the NeUQI search: numba (compiled, CPU), reference (pure torch, "
+             "any device; the definition) or auto (numba for a CPU device when installed). The "
+             "same scales and zero-points up to ties; the job records the one used.")] = (
+        SolverBackend.auto),
     format: Annotated[ExportFormat | None, typer.Option(
         help="Also export the result (see `neuqi export`); compressed-tensors solves with "
              "neuqi-int (integer zero-points).")] = None,
@@ -152,6 +163,7 @@ def quantize(
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
+        solver_backend=solver_backend.value,
     )
     result = run(config, job, device.value, _log(log_json), scheduler, keep_job)
     if format is not None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.solver import check_bits, check_group_size, dequantize, minmax_params
+from neuqi.solver import check_weight, dequantize, minmax_params
 
 LAZY_MINMAX = "minmax-lazy"  # method name of the original GPTQ's lazy per-group Min-Max
 DAMP = 0.01  # fraction of the mean diagonal added to H's diagonal (GPTQ's percdamp)
@@ -128,17 +128,13 @@ def gptq_quantize(
     ``lazy_minmax``, which computes its own). Computation is in float32 on ``device`` (default: the
     weight's); results come back on that device. ``hessian`` is not modified.
     """
-    check_bits(bits)
-    if weight.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
+    out_features, in_features, g = check_weight(weight, bits, group_size, name)
     if hessian.shape != (in_features, in_features):
         raise ValueError(
             f"{name}: hessian has shape {tuple(hessian.shape)}, need ({in_features}, {in_features})"
         )
     if block_size < 1:
         raise ValueError(f"{name}: block_size {block_size} must be positive")
-    g = check_group_size(in_features, group_size, name)
     n_groups = in_features // g
     device = torch.device(device) if device is not None else weight.device
     levels = 2**bits

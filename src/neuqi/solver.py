@@ -17,6 +17,7 @@ the continuous ``z`` minimising ``E`` (:func:`best_zero_point`); the scale is th
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -37,6 +38,8 @@ FINE_HALF_WIDTH = 16
 # Groups are solved in chunks of about this many candidate elements (groups x 64 x group length),
 # so that the working set of the search stays small.
 CHUNK_ELEMENTS = 2**22
+# Weights per call of the numba kernel (its working set is a few float32 copies of them).
+NUMBA_CHUNK_ELEMENTS = 2**24
 # Tensors at least this large are solved with torch.compile when `compile` is left to auto.
 COMPILE_MIN_WEIGHTS = 2**18
 # Bisection steps of the relaxed step before its closed-form solve (bracket / 2**16).
@@ -102,6 +105,69 @@ def check_bits(bits: int) -> int:
     if not 2 <= bits <= 8:
         raise UserError(f"--bits {bits} is outside 2..8: choose 2, 3, 4 (or up to 8)")
     return bits
+
+
+def check_weight(
+    weight: Tensor, bits: int, group_size: int, name: str = "weight",
+    h_diag: Tensor | None = None,
+) -> tuple[int, int, int]:
+    """The argument checks shared by :func:`quantize_tensor` and :func:`neuqi.gptq.gptq_quantize`:
+    bits in range, a 2-D weight, a group size that divides its input dimension and (if given) an
+    ``h_diag`` of one value per input channel. Returns ``(out_features, in_features, group
+    length)``."""
+    check_bits(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    g = check_group_size(in_features, group_size, name)
+    if h_diag is not None and h_diag.shape != (in_features,):
+        raise ValueError(f"{name}: h_diag has shape {tuple(h_diag.shape)}, need ({in_features},)")
+    return out_features, in_features, g
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver backends
+# ----------------------------------------------------------------------------------------------
+
+# reference: this module's torch code, the definition (any device). numba: the same search
+# compiled for the CPU (neuqi.solver_numba; same scale/zero per group up to ties, see there).
+# auto: numba for a CPU device when numba imports, else the reference.
+BACKENDS: tuple[str, ...] = ("auto", "reference", "numba")
+_FALLBACK_SAID: list[str] = []
+
+
+def numba_available() -> bool:
+    """Whether the numba backend can be used here (numba imports)."""
+    try:
+        import neuqi.solver_numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """The concrete backend (``reference`` or ``numba``) for ``backend`` on ``device``.
+
+    ``auto`` takes numba for a CPU device (or no device) when numba imports; without numba it
+    falls back to the reference and says so once per process, on one line of stderr. Asking for
+    ``numba`` explicitly without numba is a UserError.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--solver-backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return backend
+    cpu = device is None or torch.device(device).type == "cpu"
+    if backend == "numba" or cpu:
+        if numba_available():
+            return "numba"
+        if backend == "numba":
+            raise UserError("--solver-backend numba: numba is not installed; pip install numba, "
+                            "or use --solver-backend reference")
+        if not _FALLBACK_SAID:
+            _FALLBACK_SAID.append(backend)
+            print("neuqi: numba is not installed, so the solver uses its slower reference backend "
+                  "(pip install numba for the fast one)", file=sys.stderr, flush=True)
+    return "reference"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +527,7 @@ def quantize_tensor(
     device: torch.device | str | None = None,
     compile: bool | None = None,
     name: str = "weight",
+    backend: str = "auto",
 ) -> QuantizedTensor:
     """Quantize ``weight [out, in]`` with per-group parameters chosen by ``method``.
 
@@ -470,14 +537,15 @@ def quantize_tensor(
     float32, a chunk of groups at a time; results come back on that device. ``compile`` (default:
     on for tensors of at least ``COMPILE_MIN_WEIGHTS``) fuses the search with ``torch.compile``;
     the result does not depend on the chunking.
+
+    ``backend`` (:data:`BACKENDS`, see :func:`resolve_backend`) picks the implementation of the
+    NeUQI search: ``reference`` is this module's torch code (``compile`` applies to it only),
+    ``numba`` the compiled CPU kernel of :mod:`neuqi.solver_numba` (it computes on the CPU and
+    returns its results on ``device``). Min-Max is the same code for every backend.
     """
     if method not in METHODS:
         raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
-    check_bits(bits)
-    if weight.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    g = check_group_size(in_features, group_size, name)
+    out_features, in_features, g = check_weight(weight, bits, group_size, name, h_diag)
     device = torch.device(device) if device is not None else weight.device
     levels = 2**bits
     if compile is None:
@@ -487,8 +555,6 @@ def quantize_tensor(
     if h_diag is None:
         h_raw = torch.ones(in_features, device=device)
     else:
-        if h_diag.shape != (in_features,):
-            raise ValueError(f"{name}: h_diag has shape {tuple(h_diag.shape)}, need ({in_features},)")
         h_raw = h_diag.to(device=device, dtype=torch.float32).clamp_min(0)
     n_groups = in_features // g
     groups = w.reshape(-1, g)  # [out * n_groups, g], row-major: groups never straddle rows
@@ -500,6 +566,16 @@ def quantize_tensor(
     total = groups.shape[0]
     if method == "minmax":
         scale, zero = minmax_params(groups, levels)
+    elif resolve_backend(backend, device) == "numba":
+        from neuqi.solver_numba import search_scale_numba
+
+        scale = torch.empty(total, device=device)
+        zero = torch.empty_like(scale)
+        chunk = max(1, NUMBA_CHUNK_ELEMENTS // g)
+        for lo in range(0, total, chunk):
+            s, z = search_scale_numba(groups[lo:lo + chunk].cpu(), h_norm[lo:lo + chunk].cpu(),
+                                      levels, integer=method == "neuqi-int")
+            scale[lo:lo + chunk], zero[lo:lo + chunk] = s.to(device), z.to(device)
     else:
         chunk = max(1, CHUNK_ELEMENTS // (COARSE_STEPS * g))
         scale = torch.empty(total, device=device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 
 from neuqi.errors import UserError
 from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
-from neuqi.solver import METHODS
+from neuqi.solver import BACKENDS, METHODS, resolve_backend
 
 # What the README documents and the quality table measures; the solver itself takes 2..8 (the GGUF
 # export re-solves at 5 bits for Q5_1 / Q5_K).
@@ -42,6 +42,8 @@ class QuantizeConfig:
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
+    # implementation of the NeUQI search (neuqi.solver.BACKENDS); `resolved` makes it concrete
+    solver_backend: str = "auto"
 
     def validate(self) -> None:
         if self.bits not in BITS:
@@ -55,6 +57,9 @@ class QuantizeConfig:
                             f"(or {LAZY_MINMAX} with --gptq)")
         if self.group_size != -1 and self.group_size <= 0:
             raise UserError(f"--group-size {self.group_size}: use a positive size or -1")
+        if self.solver_backend not in BACKENDS:
+            raise UserError(f"--solver-backend {self.solver_backend}: choose one of "
+                            f"{', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
@@ -70,6 +75,17 @@ class QuantizeConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def resolved(self, device: torch.device | str | None) -> QuantizeConfig:
+        """This config with ``solver_backend`` made concrete for ``device`` (``reference`` when
+        the method has no NeUQI search). The job records the concrete backend: the backends give
+        the same scale and zero-point up to ties (equal losses, see neuqi.solver_numba), not bit
+        for bit, so a job resumed with another backend would not be the uninterrupted job, and
+        `neuqi quantize` with another --solver-backend is refused like any other changed option."""
+        backend = resolve_backend(self.solver_backend, device)
+        if self.method in ("minmax", LAZY_MINMAX):
+            backend = "reference"
+        return replace(self, solver_backend=backend)
+
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
         if not self.distill_steps:  # job stores made before distillation existed still match
@@ -77,6 +93,8 @@ class QuantizeConfig:
                 options.pop(key)
         if self.calib_field == "text":  # nor did --calib-field
             options.pop("calib_field")
+        if self.solver_backend == "reference":  # as do those made before solver backends
+            options.pop("solver_backend")
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,
@@ -86,7 +104,7 @@ class QuantizeConfig:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
-        return cls(**manifest["options"])
+        return cls(**{"solver_backend": "reference", **manifest["options"]})
 
 
 def default_job_dir(out: str | Path) -> Path:

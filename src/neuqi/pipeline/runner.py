@@ -60,8 +60,10 @@ def quantize(
     log = Log.of(console)
     config.validate()
     check_scheduler(scheduler)
+    local_device = None
     if not is_remote(scheduler):
-        resolve_device(device)  # refuse a bad device before any work
+        local_device = resolve_device(device)  # refuse a bad device before any work
+    config = config.resolved(local_device)  # the solver backend the job records
     ckpt = Checkpoint.open(resolve_model(config.model))
     for i in range(ckpt.layer_count):  # refuse a bad group size before any work
         for linear in ckpt.arch.linears:

@@ -108,11 +108,13 @@ def solve_task(
                 store, layer_index, linear, weight, h, hessian, bits=config.bits,
                 group_size=config.group_size, method=config.method, act_order=config.act_order,
                 block_size=config.gptq_block_size, device=dev, weight_name=name,
+                backend=config.solver_backend,
             )
         else:
             arrays, loss = run_solve(
                 store, layer_index, linear, weight, h, bits=config.bits,
                 group_size=config.group_size, method=config.method, device=dev, weight_name=name,
+                backend=config.solver_backend,
             )
             info = {"loss": loss}
         mark(store, key, arrays, info)

@@ -68,7 +68,7 @@ def read_hessian(store: JobStore, name: str, device: torch.device) -> torch.Tens
 def run_gptq_solve(
     store: JobStore, layer_index: int, linear: str, weight: torch.Tensor, h_diag: torch.Tensor,
     hessian: torch.Tensor, *, bits: int, group_size: int, method: str, act_order: bool,
-    block_size: int, device: torch.device, weight_name: str,
+    block_size: int, device: torch.device, weight_name: str, backend: str = "auto",
 ) -> tuple[list[str], dict[str, Any]]:
     """GPTQ for one linear: initial (s, z) from ``method`` on the original weight and ``h_diag``
     (none for ``minmax-lazy``, which finds its own), then error compensation against ``hessian``.
@@ -80,7 +80,7 @@ def run_gptq_solve(
     scale = zero = None
     if not lazy:
         init = quantize_tensor(weight, h_diag, bits=bits, group_size=group_size, method=method,
-                               device=device, name=weight_name)
+                               device=device, name=weight_name, backend=backend)
         scale, zero = init.scale, init.zero_point
         del init
     res = gptq_quantize(

@@ -12,12 +12,13 @@ from neuqi.stages.common import Q_PARTS, q_name
 def run_solve(
     store: JobStore, layer_index: int, linear: str, weight: torch.Tensor, h_diag: torch.Tensor,
     *, bits: int, group_size: int, method: str, device: torch.device, weight_name: str,
+    backend: str = "auto",
 ) -> tuple[list[str], float]:
-    """Quantize ``weight`` with ``h_diag``, store codes/scale/zero_point/loss; return the array
-    names and the total weighted loss."""
+    """Quantize ``weight`` with ``h_diag`` (solver ``backend``: neuqi.solver.BACKENDS), store
+    codes/scale/zero_point/loss; return the array names and the total weighted loss."""
     q = quantize_tensor(
         weight, h_diag, bits=bits, group_size=group_size, method=method, device=device,
-        name=weight_name,
+        name=weight_name, backend=backend,
     )
     names = []
     for part in Q_PARTS:
