@@ -143,8 +143,9 @@ def _blocks(name: str, shape: tuple[int, ...], seed: int) -> Iterator[torch.Tens
 
 
 def _write_shard(path: Path, items: list[tuple[str, tuple[int, ...]]], seed: int,
-                 dtype: str) -> None:
-    """One safetensors file: the header, then every tensor streamed block by block."""
+                 dtype: str, sparse: bool = False) -> None:
+    """One safetensors file: the header, then every tensor streamed block by block (``sparse``:
+    a hole of the right size instead, for planning only)."""
     import torch
 
     st_dtype, itemsize = DTYPES[dtype]
@@ -160,6 +161,9 @@ def _write_shard(path: Path, items: list[tuple[str, tuple[int, ...]]], seed: int
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
+        if sparse:
+            f.truncate(8 + len(raw) + offset)
+            return
         for name, shape in items:
             f.writelines(block.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes() for block in _blocks(name, shape, seed))
 
@@ -207,8 +211,11 @@ def write_tokenizer(folder: Path, vocab: int, seqlen: int = 2048) -> None:
 
 def build_checkpoint(folder: Path, shape: Shape, layers: int, *, seqlen: int = 2048,
                      seed: int = 0, max_shard_bytes: int = SHARD_BYTES,
-                     dtype: str = "bfloat16") -> int:
-    """Write the checkpoint into ``folder``; returns the bytes of tensor data written."""
+                     dtype: str = "bfloat16", sparse: bool = False) -> int:
+    """Write the checkpoint into ``folder``; returns the bytes of tensor data written.
+
+    ``sparse``: the shards are holes of the right size (zeros, no disk used) behind real headers:
+    a full-depth model for ``neuqi plan``, which reads only the headers."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype}: choose one of {', '.join(DTYPES)}")
     folder = Path(folder)
@@ -229,7 +236,7 @@ def build_checkpoint(folder: Path, shape: Shape, layers: int, *, seqlen: int = 2
     for k, items in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tmp = folder / (file + ".tmp")
-        _write_shard(tmp, items, seed, dtype)
+        _write_shard(tmp, items, seed, dtype, sparse)
         tmp.rename(folder / file)
         weight_map.update({name: file for name, _ in items})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

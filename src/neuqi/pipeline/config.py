@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from neuqi.errors import UserError
 from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
 from neuqi.solver import METHODS, check_bits
+
+if TYPE_CHECKING:
+    from neuqi.pipeline.plan import Knobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_VERSION = 1
@@ -39,6 +42,18 @@ class QuantizeConfig:
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
+    # Not in the manifest (they never change the method, only how much is held at once):
+    max_memory: int | None = None  # bytes of device memory (host on cpu); None: the default
+    memory_knobs: str | None = None  # plan.Knobs.encode() of the runner's plan; None: hold all
+
+    @property
+    def knobs(self) -> Knobs:
+        """What the stages hold at once (the plan's, or everything when none was made)."""
+        from neuqi.pipeline.plan import Knobs
+
+        if self.memory_knobs:
+            return Knobs.decode(self.memory_knobs)
+        return Knobs(self.batch_size, 0, False, 0, 0)
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -58,6 +73,8 @@ class QuantizeConfig:
             raise UserError(f"--gptq-block-size {self.gptq_block_size}: use 1 or more")
         if self.distill_steps < 0:
             raise UserError(f"--distill-steps {self.distill_steps}: use 0 (off) or more")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise UserError(f"--max-memory {self.max_memory}: give a positive size")
         if not self.distill_lr > 0:
             raise UserError(f"--distill-lr {self.distill_lr}: give a positive learning rate")
 
@@ -67,6 +84,8 @@ class QuantizeConfig:
 
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
+        for key in ("max_memory", "memory_knobs"):  # how much is held, not what is computed
+            options.pop(key)
         if not self.distill_steps:  # job stores made before distillation existed still match
             for key in ("distill_steps", "distill_lr", "distill_norms"):
                 options.pop(key)
