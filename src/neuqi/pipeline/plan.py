@@ -43,7 +43,7 @@ MIN_MLP_CHUNK = 256  # tokens
 HEADROOM = 0.9  # the default budget: this share of the free device (or available host) memory
 HEADROOM_BYTES = GiB  # ... and at least this much left free
 # Measured on a CPU (benchmarks/scale.py, docs in the README):
-PROCESS_BASE = int(0.75 * GiB)  # host RSS of a process with torch, transformers and neuqi loaded
+PROCESS_BASE = GiB // 2  # host RSS of `neuqi quantize` before any tensor (imports, tokenizer)
 CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context, outside max_memory_allocated
 ACT_HIDDEN = 6  # hidden-sized [tokens, hidden] tensors alive at a decoder layer's peak
 ACT_MLP = 3  # intermediate-sized [tokens, chunk] tensors alive in its MLP
@@ -368,9 +368,16 @@ def _disk(shape: ModelShape, opt: dict[str, Any]) -> tuple[int, dict[str, int], 
     acts = n * s * shape.hidden * f
     q = sum(o * i + 3 * 4 * o * (i // g if g > 0 else 1) for _, o, i in shape.linears)
     q += 4 * sum(d for _, d in shape.groups)
-    pieces = {"calibration tokens": n * s * 8,
-              "two layers' inputs (this one, the next)": 2 * acts,
-              f"solved parameters of all {shape.layers} layers": shape.layers * q}
+    layers = shape.layers
+    # layer i < n-1 holds its inputs and the next layer's, and i+1 layers' parameters; the last
+    # layer its inputs and all n layers' parameters
+    if layers > 1 and 2 * acts + (layers - 1) * q >= acts + layers * q:
+        pieces = {"two layers' inputs (this one, the next)": 2 * acts,
+                  f"solved parameters of {layers - 1} layers": (layers - 1) * q}
+    else:
+        pieces = {"the last layer's inputs": acts,
+                  f"solved parameters of all {layers} layers": layers * q}
+    pieces["calibration tokens"] = n * s * 8
     if opt["gptq"]:
         pieces["one layer's full Hessians"] = sum(d * d * 4 for _, d in shape.groups)
     if opt.get("distill_steps"):
