@@ -8,7 +8,9 @@ direct parent), and the job store's size is sampled every 20 ms.
 Tolerances, stated once (the README explains them):
 - peak host RSS on ``--device cpu``: measured / planned in [``RSS_LOW``, ``RSS_HIGH``]. The plan
   models the tensors alive at each stage's peak plus a fixed process baseline
-  (``plan.PROCESS_BASE``); the allocator's slack and the import footprint vary by a few percent.
+  (``plan.PROCESS_BASE``) and the heap glibc keeps for reuse (``plan.ALLOCATOR_PAD``, 256 MiB,
+  which small tensors fill and large ones do not): it may over-estimate by that much, the safe
+  side of a budget, and must not under-estimate by more than 5 %.
 - job-store peak disk: measured / planned in [``DISK_LOW``, 1.0 + small]: the arrays are
   uncompressed, so the plan is exact up to zarr's metadata files.
 """
@@ -31,7 +33,7 @@ from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.plan import GiB, Knobs, make_plan, parse_size
 from neuqi.synthetic import Shape, build_checkpoint
 
-RSS_LOW, RSS_HIGH = 0.85, 1.15
+RSS_LOW, RSS_HIGH = 0.75, 1.05
 DISK_LOW, DISK_HIGH = 0.97, 1.03
 JOB = ["--method", "minmax", "--nsamples", "8", "--seqlen", "512", "--batch-size", "8",
        "--device", "cpu"]
@@ -108,10 +110,11 @@ def _plan_json(model: Path, *args: str) -> dict:
 
 
 def test_plan_matches_a_measured_run(mid_model: Path, tmp_path: Path) -> None:
-    plan = _plan_json(mid_model)
+    budget = ["--max-memory", "8GiB"]  # the default moves with the memory free at the time
+    plan = _plan_json(mid_model, *budget)
     out = tmp_path / "out"
     run = measured(tmp_path / "out.job", tmp_path / "log", "quantize", str(mid_model), "--out",
-                   str(out), *JOB)
+                   str(out), *JOB, *budget)
     log = (tmp_path / "log").read_text()
     assert run["rc"] == 0, log[-2000:]
     assert plan["summary"] in log  # quantize prints the plan's line when it starts

@@ -188,7 +188,16 @@ def plan(
         batch_size=batch_size, gptq=gptq, distill_steps=distill_steps,
         max_memory=_size(max_memory),
     )
-    dev = str(resolve_device(device.value))
+    import torch
+
+    if device is Device.cuda and not torch.cuda.is_available():
+        # planning for a GPU this machine lacks: the budget must be given; the probe runs here
+        if max_memory is None:
+            raise UserError("--device cuda: no CUDA device here; give --max-memory (e.g. 20GiB) "
+                            "to plan for one")
+        dev = "cuda"
+    else:
+        dev = str(resolve_device(device.value))
     result = make_plan(config, dev, with_probe=probe)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

@@ -44,6 +44,9 @@ HEADROOM = 0.9  # the default budget: this share of the free device (or availabl
 HEADROOM_BYTES = GiB  # ... and at least this much left free
 # Measured on a CPU (benchmarks/scale.py, docs in the README):
 PROCESS_BASE = GiB // 2  # host RSS of `neuqi quantize` before any tensor (imports, tokenizer)
+# glibc's heap top the process keeps for reuse (neuqi.allocator's TOP_PAD): RSS that small
+# tensors (row blocks, chunks under 1 MiB) leave behind on the host
+ALLOCATOR_PAD = 256 * 2**20
 CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context, outside max_memory_allocated
 ACT_HIDDEN = 6  # hidden-sized [tokens, hidden] tensors alive at a decoder layer's peak
 ACT_MLP = 3  # intermediate-sized [tokens, chunk] tensors alive in its MLP
@@ -307,7 +310,7 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             "MLP intermediate activations": ACT_MLP * chunk * m_width * f}
     hook = 2 * min(HOOK_ROWS_BYTES, tokens * m_width * 8)
     # host: the process, plus on cuda what passes through it (a tensor read, a batch)
-    base = PROCESS_BASE
+    base = PROCESS_BASE + ALLOCATOR_PAD
 
     def host(device: int, extra: int = 0) -> int:
         return base + (extra if cuda else device)
@@ -448,7 +451,7 @@ def choose(shape: ModelShape, opt: dict[str, Any], budget: int, cuda: bool
     """The knobs under which every stage fits ``budget`` holding the most (the layer passes and
     the solves are chosen apart: they never run at once), whether they fit, the smallest budget
     that works and its largest unavoidable piece."""
-    fixed = CUDA_CONTEXT if cuda else PROCESS_BASE
+    fixed = CUDA_CONTEXT if cuda else PROCESS_BASE + ALLOCATOR_PAD
     passes = ("embed", "hessian", "forward", "pack")
 
     def need(k: Knobs, names: tuple[str, ...]) -> int:
@@ -496,6 +499,8 @@ def probe(device: str, method: str, dtype: str, group_size: int, gptq: bool) -> 
     from neuqi.solver import CHUNK_ELEMENTS, COARSE_STEPS, quantize_tensor
 
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        dev = torch.device("cpu")  # planning for a GPU this machine lacks: its speed is unknown
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
 
@@ -525,7 +530,8 @@ def probe(device: str, method: str, dtype: str, group_size: int, gptq: bool) -> 
     quantize_tensor(w, hd, bits=4, group_size=group_size, method=solve_method, device=dev)
     sync()
     solver = w.numel() / (time.perf_counter() - t)
-    out = {"matmul_flops": flops, "solver_weights_per_s": solver}
+    out = {"matmul_flops": flops, "solver_weights_per_s": solver,
+           "probed_on_cuda": float(dev.type == "cuda")}
     if gptq:
         from neuqi.gptq import gptq_quantize
 
