@@ -71,7 +71,7 @@ def quantize(
             check_group_size(ckpt.shape(name)[1], config.group_size, name)
     out = Path(config.out).expanduser()
     check_output_target(out)  # before any work, as the writer will at the end
-    config = _fit_budget(config, str(ckpt.path), device, scheduler, console)
+    config, summary = _fit_budget(config, str(ckpt.path), device, scheduler)
     text = load_calibration_text(Path(config.calib).expanduser() if config.calib else None)
     windows = calibration_windows(load_tokenizer(ckpt.path), text, config.nsamples, config.seqlen, config.seed)
     if windows.max() >= ckpt.config.vocab_size:
@@ -81,21 +81,22 @@ def quantize(
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
         store = JobStore.create_or_open(job_dir, manifest)
         with store.locked(), open_executor(scheduler, device) as executor:
+            # after every refusal, so that bad input stays one line
+            console.print(summary, soft_wrap=True, highlight=False, markup=False)
             return Job(store, ckpt, config, executor.device, console, executor).run(windows)
 
 
-def _fit_budget(config: QuantizeConfig, model: str, device: str, scheduler: str | None,
-                console: Console) -> QuantizeConfig:
-    """The job's memory plan (no probe): refuse a budget below what it cannot do without, print
-    the plan's summary, and give the config the knobs the tasks hold to (knobs already set, by a
-    test or a benchmark, are kept)."""
+def _fit_budget(config: QuantizeConfig, model: str, device: str, scheduler: str | None
+                ) -> tuple[QuantizeConfig, str]:
+    """The job's memory plan (no probe): refuse a budget below what it cannot do without; give
+    the config the knobs the tasks hold to (knobs already set, by a test or a benchmark, are
+    kept); return it and the plan's one-line summary."""
     dev = str(resolve_device(device)) if not is_remote(scheduler) else (
         "cpu" if device == "auto" else device)
     found = plan.make_plan(config, dev, model=model, with_probe=False)
     plan.refuse_unless_fits(found)
-    console.print(found.summary(), soft_wrap=True, highlight=False, markup=False)
     return replace(config, max_memory=found.budget,
-                   memory_knobs=config.memory_knobs or found.knobs.encode())
+                   memory_knobs=config.memory_knobs or found.knobs.encode()), found.summary()
 
 
 def resume(
