@@ -47,6 +47,7 @@ from neuqi.synthetic import FULL_MODELS, SHAPES  # imports no torch
 
 GiB = 2**30
 LAYER_LINE = re.compile(r"^layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)\s*$", re.MULTILINE)
+WORKDIR = Path("/work/scratch/scale")
 ACCEPT = ["--method", "neuqi", "--nsamples", "128", "--seqlen", "2048"]
 
 
@@ -54,10 +55,12 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def build(folder: Path, key: str, layers: int, vocab: int | None, sparse: bool) -> None:
-    """A child process writes the checkpoint (torch stays out of this process)."""
+def build(folder: Path, key: str, layers: int, vocab: int | None, sparse: bool,
+          background: bool = False) -> subprocess.Popen | None:
+    """A child process writes the checkpoint (torch stays out of this process); ``background``:
+    return it running."""
     if (folder / "model.safetensors.index.json").is_file():
-        return
+        return None
     code = (
         "import dataclasses, sys; from pathlib import Path; "
         "from neuqi.synthetic import SHAPES, build_checkpoint; "
@@ -65,12 +68,17 @@ def build(folder: Path, key: str, layers: int, vocab: int | None, sparse: bool) 
         f"build_checkpoint(Path({str(folder)!r}), s, {layers}, sparse={sparse})"
     )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
+    child = subprocess.Popen([sys.executable, "-c", code])
+    if background:
+        return child
+    if child.wait() != 0:
+        raise SystemExit(f"building {folder} failed")
     if not sparse:
         size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
         print(f"  built {folder.name}: {size / 1e9:.2f} GB in "
               f"{len(list(folder.glob('*.safetensors')))} shard(s), "
               f"{time.perf_counter() - started:.0f} s", flush=True)
+    return None
 
 
 def plan(model: Path, *args: str) -> dict:
@@ -126,7 +134,9 @@ def main() -> None:
                         help="comma-separated shapes to run for real ('' for none)")
     parser.add_argument("--layers", default="2,4")
     parser.add_argument("--nsamples", default="8,32", help="the smallest is used for --layers")
-    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=32)
+    parser.add_argument("--skip-planned", action="store_true",
+                        help="only the measured part")
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--keep", action="store_true", help="keep the measured checkpoints")
     args = parser.parse_args()
@@ -134,10 +144,19 @@ def main() -> None:
     nsamples = sorted({int(x) for x in args.nsamples.split(",")})
     measured = [m for m in args.measure.split(",") if m]
     args.workdir.mkdir(parents=True, exist_ok=True)
+    global WORKDIR
+    WORKDIR = args.workdir
     print(f"host: {platform.platform()}, {os.cpu_count()} CPUs, load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; no GPU lent: device figures are "
           "the plan's", flush=True)
 
+    if not args.skip_planned:
+        planned()
+    for key in measured:
+        measure_shape(args, key, layer_counts, nsamples)
+
+
+def planned() -> None:
     print("\n## planned, full models (`neuqi plan --device cuda --max-memory 20GiB "
           f"{' '.join(ACCEPT)} [--gptq]`)\n")
     print("| model | job | peak device GiB | fits 20 GiB | smallest budget GiB (its largest "
@@ -145,7 +164,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for key in SHAPES:
         layers, vocab = FULL_MODELS[key]
-        full = args.workdir / f"{key}-full-sparse"
+        full = WORKDIR / f"{key}-full-sparse"
         build(full, key, layers, vocab, sparse=True)
         for gptq in ("--no-gptq", "--gptq"):
             p = plan(full, *ACCEPT, gptq, "--device", "cuda", "--max-memory", "20GiB")
@@ -162,9 +181,6 @@ def main() -> None:
                   f"{gib(p['output_bytes'])} | {seconds / 3600:.0f} h |", flush=True)
     print("\n(time: the plan's probe of this CPU; no GPU was lent, so it is a CPU figure)")
 
-    for key in measured:
-        measure_shape(args, key, layer_counts, nsamples)
-
 
 def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],
                   nsamples: list[int]) -> None:
@@ -177,27 +193,32 @@ def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],
           f"{shape.vocab}), `neuqi quantize {' '.join(job)} --nsamples N`\n", flush=True)
     runs = []
     cases = [(n, n_small) for n in layer_counts] + [(layer_counts[0], s) for s in nsamples[1:]]
+    print("| layers | nsamples | peak RSS GiB measured | planned | ratio | job store GiB "
+          "measured | planned | ratio | output GiB measured | planned | s/layer (minmax) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    builders = {}
+    for layers in sorted({c[0] for c in cases}):  # written while the runs go on
+        builders[layers] = build(args.workdir / f"{key}-{layers}L", key, layers, None,
+                                 sparse=False, background=True)
     for layers, samples in cases:
         model = args.workdir / f"{key}-{layers}L"
-        build(model, key, layers, None, sparse=False)
+        child = builders.pop(layers, None)
+        if child is not None and child.wait() != 0:
+            raise SystemExit(f"building {model} failed")
         this = [*job, "--nsamples", str(samples)]
         p = plan(model, *this, "--no-probe")
         out = args.workdir / f"{key}-{layers}L-n{samples}-out"
-        print(f"  running {layers} layers, --nsamples {samples} (load "
-              f"{os.getloadavg()[0]:.2f}) ...", flush=True)
         m = run_job(model, out, this, args.workdir / f"{key}-{layers}L-n{samples}.log")
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.with_name(out.name + ".job"), ignore_errors=True)
         runs.append((layers, samples, p, m))
-    print("\n| layers | nsamples | peak RSS GiB measured | planned | ratio | job store GiB "
-          "measured | planned | ratio | output GiB measured | planned | s/layer (minmax) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for layers, samples, p, m in runs:
         per = sum(m["per_layer"]) / max(1, len(m["per_layer"]))
         print(f"| {layers} | {samples} | {gib(m['rss'])} | {gib(p['host_peak'])} | "
               f"{m['rss'] / p['host_peak']:.3f} | {gib(m['disk'])} | {gib(p['disk_peak'])} | "
               f"{m['disk'] / p['disk_peak']:.3f} | {gib(m['output'])} | "
-              f"{gib(p['output_bytes'])} | {per:.1f} |")
+              f"{gib(p['output_bytes'])} | {per:.1f} |", flush=True)
+    print(f"(load at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; checkpoints "
+          f"built in the background while the first runs went on)")
     by = {(layers, s): m for layers, s, _, m in runs}
     lo, hi = layer_counts[0], layer_counts[-1]
     if hi != lo:

@@ -15,8 +15,8 @@ least, until every stage fits:
 
 A budget below the floor is refused before any work (:class:`~neuqi.errors.UserError`, exit 2),
 naming the largest unavoidable piece and the smallest budget that works. The stages read the
-chosen knobs from the job's options (:func:`knobs_for`), so a task on a dask worker holds what
-the plan said.
+chosen knobs from the job's options (``QuantizeConfig.memory_knobs``, set by the runner), so a
+task on a dask worker holds what the plan said.
 
 The byte model follows the code (which tensors exist at once); its constants were measured on a
 CPU (``benchmarks/scale.py`` prints planned next to measured, ``tests/test_plan.py`` checks one).
@@ -472,13 +472,6 @@ def choose(shape: ModelShape, opt: dict[str, Any], budget: int, cuda: bool
     piece, nbytes = max(worst.pieces.items(), key=lambda kv: kv[1])
     what = f"{piece} ({fmt(nbytes)}) in stage {worst.name}"
     return k, _stages(shape, opt, k, cuda), fits, worst.device + fixed, what
-
-
-def knobs_for(config: Any, shape: ModelShape, device: str) -> Knobs:
-    """The knobs of a job: from its resolved budget (``config.max_memory``)."""
-    budget = config.max_memory or default_budget(device)
-    k, *_ = choose(shape, options_of(config), budget, device.startswith("cuda"))
-    return k
 
 
 def check_group_sizes(shape: ModelShape, group_size: int) -> None:
