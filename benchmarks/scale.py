@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=32)
     parser.add_argument("--skip-planned", action="store_true",
                         help="only the measured part")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="plans without the time probe (no time estimate)")
     parser.add_argument("--method", default="minmax")
     parser.add_argument("--keep", action="store_true", help="keep the measured checkpoints")
     args = parser.parse_args()
@@ -151,12 +153,12 @@ def main() -> None:
           "the plan's", flush=True)
 
     if not args.skip_planned:
-        planned()
+        planned(not args.no_probe)
     for key in measured:
         measure_shape(args, key, layer_counts, nsamples)
 
 
-def planned() -> None:
+def planned(probe: bool) -> None:
     print("\n## planned, full models (`neuqi plan --device cuda --max-memory 20GiB "
           f"{' '.join(ACCEPT)} [--gptq]`)\n")
     print("| model | job | peak device GiB | fits 20 GiB | smallest budget GiB (its largest "
@@ -167,7 +169,8 @@ def planned() -> None:
         full = WORKDIR / f"{key}-full-sparse"
         build(full, key, layers, vocab, sparse=True)
         for gptq in ("--no-gptq", "--gptq"):
-            p = plan(full, *ACCEPT, gptq, "--device", "cuda", "--max-memory", "20GiB")
+            p = plan(full, *ACCEPT, gptq, "--device", "cuda", "--max-memory", "20GiB",
+                     *([] if probe else ["--no-probe"]))
             seconds = p["seconds"] or 0.0
             k = p["knobs"]
             held = (f"{k['windows']} win" + (f", MLP {k['mlp_chunk']} tok" if k["mlp_chunk"]
@@ -178,7 +181,8 @@ def planned() -> None:
             print(f"| {key} | neuqi {gptq} | {gib(p['device_peak'])} | "
                   f"{'yes' if p['fits'] else 'NO'} | {gib(p['floor'])} ({p['floor_piece']}) | "
                   f"{held} | {gib(p['host_peak'])} | {gib(p['disk_peak'])} | "
-                  f"{gib(p['output_bytes'])} | {seconds / 3600:.0f} h |", flush=True)
+                  f"{gib(p['output_bytes'])} | "
+                  f"{f'{seconds / 3600:.0f} h' if seconds else '-'} |", flush=True)
     print("\n(time: the plan's probe of this CPU; no GPU was lent, so it is a CPU figure)")
 
 
