@@ -164,7 +164,7 @@ def planned(probe: bool) -> None:
     print("| model | job | peak device GiB | fits 20 GiB | smallest budget GiB (its largest "
           "piece) | held at once | host GiB | job store GiB | output GiB | est. time here |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for key in SHAPES:
+    for key in FULL_MODELS:
         layers, vocab = FULL_MODELS[key]
         full = WORKDIR / f"{key}-full-sparse"
         build(full, key, layers, vocab, sparse=True)
@@ -233,11 +233,12 @@ def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],
         r = by[(lo, nsamples[-1])]["rss"] / by[(lo, n_small)]["rss"]
         print(f"peak RSS --nsamples {nsamples[-1]} / {n_small}: {r:.3f} (goal 1.0 +- 0.1: "
               f"{'OK' if abs(r - 1) <= 0.1 else 'OUT OF RANGE'})")
-    layers_full, _ = FULL_MODELS[key]
+    layers_full, _ = FULL_MODELS.get(key, (0, 0))
     per = [sum(m["per_layer"]) / len(m["per_layer"]) for *_, m in runs if m["per_layer"]]
-    print(f"projection to {layers_full} layers on this CPU with this job: "
-          f"{min(per) * layers_full / 3600:.1f} h ({args.method}, --nsamples {n_small} "
-          f"--seqlen {args.seqlen}); memory as above (it does not grow with depth)")
+    if layers_full and per:
+        print(f"projection to {layers_full} layers on this CPU with this job: "
+              f"{min(per) * layers_full / 3600:.1f} h ({args.method}, --nsamples {n_small} "
+              f"--seqlen {args.seqlen}); memory as above (it does not grow with depth)")
     if not args.keep:
         for layers in layer_counts:
             shutil.rmtree(args.workdir / f"{key}-{layers}L", ignore_errors=True)

@@ -105,6 +105,7 @@ SHAPES = {
     "llama-3.1-70b": Shape(8192, 28672, 64, 8, 4096, "llama"),
     "qwen2.5-72b": Shape(8192, 29568, 64, 8, 4096, "qwen2"),
     "llama-3.1-405b": Shape(16384, 53248, 128, 8, 4096, "llama"),
+    "small": Shape(1024, 4096, 8, 2, 1024, "llama"),  # quick checks of the pipeline's scaling
 }
 #: Their real depth and vocabulary, for projections to the full model.
 FULL_MODELS = {"llama-3.1-70b": (80, 128256), "qwen2.5-72b": (80, 152064),
