@@ -5,9 +5,9 @@
         [--nsamples 8] [--seqlen 256] [--batch-size 4] [--max-shard-mb 200] [--seed 0]
         [--workdir DIR] [--keep]
 
-It writes one synthetic LLaMA checkpoint per layer count (seeded random bf16 weights, the same
-layer shape for all of them, sharded safetensors plus an index, and a small byte-level BPE
-tokenizer), then runs the real command line on each, every time in a fresh process::
+It writes one synthetic LLaMA checkpoint per layer count with :mod:`neuqi.synthetic` (seeded
+heavy-tailed bf16 weights, the same layer shape for all of them, sharded safetensors plus an index,
+and a small byte-level BPE tokenizer), then runs the real command line on each, every time in a fresh process::
 
     neuqi quantize MODEL --out OUT --bits 4 --group-size 128 --method minmax --nsamples 8
         --seqlen 256 --batch-size 4 --device cpu
@@ -30,7 +30,6 @@ dtype (float32) with the peaks expressed in layers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -40,164 +39,15 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from neuqi.synthetic import Shape, build_checkpoint  # imports no torch until it writes
 
 MIB = 1024 * 1024
 COMPUTE_BYTES = 4  # float32, the CLI's default --dtype
-STORED_BYTES = 2  # bfloat16 checkpoint
-TOKENIZER_VOCAB = 1024  # capped by --vocab
-TOKENIZER_TEXT_CHARS = 200_000
-SPECIALS = ["<|endoftext|>", "<|pad|>"]
 # The line the CLI prints when a layer is done: "layer 3/16: weighted loss ... (5.4 s)".
 LAYER_LINE = re.compile(r"^layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)\s*$", re.MULTILINE)
-
-
-# ---------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    def layer_tensors(self, i: int) -> list[tuple[str, tuple[int, ...]]]:
-        """Name and shape of every tensor of decoder layer ``i``, in the checkpoint's order."""
-        h, m, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
-        p = f"model.layers.{i}."
-        return [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "mlp.gate_proj.weight", (m, h)),
-            (p + "mlp.up_proj.weight", (m, h)),
-            (p + "mlp.down_proj.weight", (h, m)),
-        ]
-
-    def tensors(self, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-        out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
-        for i in range(layers):
-            out += self.layer_tensors(i)
-        out += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
-        return out
-
-    def layer_params(self) -> int:
-        total = 0
-        for _, shape in self.layer_tensors(0):
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
-    def largest_linear_params(self) -> int:
-        return max(a * b for _, (a, *rest) in self.layer_tensors(0) for b in rest)
-
-
-# ---------------------------------------------------------------------------- checkpoint (child)
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> Any:
-    """Seeded per tensor name, so a layer is the same in every checkpoint and every sharding."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    noise = torch.randn(shape, generator=g)
-    if name.endswith("norm.weight"):
-        t = 1.0 + 0.1 * noise
-    elif "embed_tokens" in name:
-        t = noise
-    else:
-        t = noise / shape[-1] ** 0.5
-    return t.to(torch.bfloat16)
-
-
-def _write_tokenizer(folder: Path, vocab: int, seqlen: int) -> None:
-    """A byte-level BPE trained on the start of the shipped calibration text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from neuqi.calib import load_calibration_text
-
-    text = load_calibration_text(None)[:TOKENIZER_TEXT_CHARS]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(TOKENIZER_VOCAB, vocab),
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(text.splitlines(), trainer=trainer)
-    if tok.get_vocab_size() > vocab:
-        raise SystemExit(f"tokenizer vocab {tok.get_vocab_size()} > --vocab {vocab}")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[0], pad_token=SPECIALS[1],
-        model_max_length=max(seqlen, 2048),
-    )
-    fast.save_pretrained(str(folder))
-
-
-def build_checkpoint(folder: Path, shape: Shape, layers: int, seqlen: int, seed: int,
-                     max_shard_bytes: int) -> None:
-    """config.json, sharded bf16 safetensors + index, tokenizer; one shard in memory at a time."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=max(seqlen, 2048),
-        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-        tie_word_embeddings=False, torch_dtype="bfloat16",
-    )
-    config.save_pretrained(str(folder))
-
-    shards: list[list[str]] = []
-    pending: dict[str, Any] = {}
-    pending_bytes = 0
-    total = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            save_file(pending, str(folder / f"shard-{len(shards):05d}.tmp"), {"format": "pt"})
-            shards.append(list(pending))
-            pending, pending_bytes = {}, 0
-
-    for name, dims in shape.tensors(layers):
-        nbytes = STORED_BYTES
-        for d in dims:
-            nbytes *= d
-        if pending and pending_bytes + nbytes > max_shard_bytes:
-            flush()
-        pending[name] = _random_tensor(name, dims, seed)
-        pending_bytes += nbytes
-        total += nbytes
-    flush()
-
-    weight_map: dict[str, str] = {}
-    for k, names in enumerate(shards):
-        final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / f"shard-{k:05d}.tmp").rename(folder / final)
-        weight_map.update(dict.fromkeys(names, final))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    _write_tokenizer(folder, shape.vocab, seqlen)
 
 
 # ---------------------------------------------------------------------------- measuring (parent)
@@ -339,8 +189,8 @@ def main() -> None:
         parser.error("--layers: give one or more positive counts, e.g. 8,16")
 
     if args.build_into is not None:  # internal: the child that writes one checkpoint
-        build_checkpoint(args.build_into, shape, layer_counts[0], args.seqlen, args.seed,
-                         args.max_shard_mb * 1_000_000)
+        build_checkpoint(args.build_into, shape, layer_counts[0], seqlen=args.seqlen,
+                         seed=args.seed, max_shard_bytes=args.max_shard_mb * 1_000_000)
         return
 
     tmp = None

@@ -4,8 +4,7 @@
         [--heads 4] [--kv-heads 2] [--vocab 1024] [--method neuqi] [--bits 4] [--group-size 128]
         [--nsamples 8] [--seqlen 128] [--seed 0] [--workdir DIR] [--keep]
 
-It writes the synthetic LLaMA checkpoint of ``benchmarks/memory.py`` (its builder, a smaller
-default shape so that the CPU solve takes about a minute), runs the job once in this process with
+It writes a synthetic LLaMA checkpoint with :mod:`neuqi.synthetic` (a small default shape so that the CPU solve takes about a minute), runs the job once in this process with
 ``--no-sequential`` to get every layer's Hessians (with ``minmax`` solves, which are quick; without
 sequential quantization the Hessians do not depend on the solves), then, for each worker count,
 starts a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``, removes the solve
@@ -24,7 +23,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +31,6 @@ import torch
 from distributed import Client, LocalCluster
 from rich.console import Console
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import Shape, build_checkpoint  # the memory benchmark's builder
-
 from neuqi.checkpoint import Checkpoint
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.executor import DaskExecutor
@@ -43,6 +38,7 @@ from neuqi.pipeline.runner import quantize
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import solve_key, solve_task
 from neuqi.stages.common import Q_PARTS, q_name
+from neuqi.synthetic import Shape, build_checkpoint
 
 
 def _warm_up(method: str, bits: int, group_size: int) -> None:
@@ -126,7 +122,8 @@ def report(args: argparse.Namespace, counts: list[int], workdir: Path) -> None:
     shape = Shape(args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab)
     model = workdir / "model"
     if not (model / "config.json").is_file():
-        build_checkpoint(model, shape, args.layers, args.seqlen, args.seed, 200_000_000)
+        build_checkpoint(model, shape, args.layers, seqlen=args.seqlen, seed=args.seed,
+                         max_shard_bytes=200_000_000)
     config = QuantizeConfig(
         model=str(model), out=str(workdir / "out"), bits=args.bits, group_size=args.group_size,
         method="minmax", nsamples=args.nsamples, seqlen=args.seqlen, sequential=False,

@@ -144,6 +144,10 @@ def quantize(
     ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Memory budget, e.g. 20GiB: device memory (the host's with --device cpu). The "
+             "pipeline holds what fits; a budget below what the job needs is refused. Default: "
+             "90% of what is free, at least 1 GiB left. See `neuqi plan`.")] = None,
 ) -> None:
     """Quantize MODEL into --out. Run the same command again to resume a stopped job."""
     if format is ExportFormat.compressed_tensors and method is Method.neuqi:
@@ -164,6 +168,7 @@ def quantize(
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
         solver_backend=solver_backend.value,
+        max_memory=_size(max_memory),
     )
     result = run(config, job, device.value, _log(log_json), scheduler, keep_job)
     if format is not None:
@@ -173,6 +178,89 @@ def quantize(
                 "cpu" if device is Device.auto else device.value)
         return
     typer.echo(str(result))
+
+
+def _size(text: str | None) -> int | None:
+    from neuqi.pipeline.plan import parse_size
+
+    return None if text is None else parse_size(text)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(
+        help="Model folder (config.json + safetensors) or a hub id (its config and headers are "
+             "read online); no weights are read.")],
+    bits: Annotated[int, typer.Option(help="Bits per weight (2..8).")] = 4,
+    group_size: Annotated[int, typer.Option(
+        help="Input channels per group; -1 = one group per output channel.")] = 128,
+    method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
+        Method.neuqi),
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
+    device: Annotated[Device, typer.Option(help="Where the job would compute.")] = Device.auto,
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential")] = True,
+    dtype: Annotated[DType, typer.Option(help="Compute and activation dtype.")] = DType.float32,
+    batch_size: Annotated[int, typer.Option(help="Calibration windows per forward batch.")] = 8,
+    gptq: Annotated[bool, typer.Option("--gptq/--no-gptq")] = False,
+    distill_steps: Annotated[int, typer.Option(help="As for quantize.")] = 0,
+    max_memory: Annotated[str | None, typer.Option(
+        help="Memory budget, e.g. 20GiB (default: as quantize's, from this machine).")] = None,
+    probe: Annotated[bool, typer.Option(
+        "--probe/--no-probe", help="Time this machine's solver and matmul (a few seconds) for "
+        "the time estimate.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """What quantizing MODEL needs: per stage peak device and host memory, job-store disk,
+    output size, whether it fits the budget (exit 1 if not), and the time on this machine."""
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.executor import resolve_device
+    from neuqi.pipeline.plan import make_plan
+
+    config = QuantizeConfig(
+        model=model, out="-", bits=bits, group_size=group_size, method=method.value,
+        nsamples=nsamples, seqlen=seqlen, sequential=sequential, dtype=dtype.value,
+        batch_size=batch_size, gptq=gptq, distill_steps=distill_steps,
+        max_memory=_size(max_memory),
+    )
+    import torch
+
+    if device is Device.cuda and not torch.cuda.is_available():
+        # planning for a GPU this machine lacks: the budget must be given; the probe runs here
+        if max_memory is None:
+            raise UserError("--device cuda: no CUDA device here; give --max-memory (e.g. 20GiB) "
+                            "to plan for one")
+        dev = "cuda"
+    else:
+        dev = str(resolve_device(device.value))
+    result = make_plan(config, dev, with_probe=probe)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    from neuqi.pipeline.plan import fmt
+
+    table = Table(title=f"plan: {model} on {dev}, budget {fmt(result.budget)}")
+    for col in ("stage", "peak device", "peak host", "largest piece", "s / layer"):
+        table.add_column(col, justify="left" if col in ("stage", "largest piece") else "right")
+    for st in result.stages:
+        piece, nbytes = max(st.pieces.items(), key=lambda kv: kv[1])
+        table.add_row(st.name, fmt(st.device), fmt(st.host), f"{piece} {fmt(nbytes)}",
+                      f"{st.seconds:.1f}" if result.probe else "-")
+    console = Console()
+    console.print(table)
+    k = result.knobs
+    console.print(f"held at once: {k.windows} window(s) per pass, MLP chunk "
+                  f"{k.mlp_chunk or 'whole'}, {'one linear' if k.linear_at_a_time else 'the layer'}"
+                  f" on the device, solver rows {k.solve_rows or 'all'}, GPTQ rows "
+                  f"{k.gptq_rows or 'all'}", highlight=False)
+    console.print(f"job store peak {fmt(result.disk_peak)} ("
+                  + ", ".join(f"{n} {fmt(b)}" for n, b in result.disk_pieces.items()) + ")",
+                  highlight=False)
+    console.print(f"smallest budget that works: {fmt(result.floor)} (largest unavoidable piece: "
+                  f"{result.floor_piece})", highlight=False)
+    console.print(result.summary(), soft_wrap=True, highlight=False, markup=False)
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,10 @@ from neuqi.solver import BACKENDS, METHODS, resolve_backend
 # What the README documents and the quality table measures; the solver itself takes 2..8 (the GGUF
 # export re-solves at 5 bits for Q5_1 / Q5_K).
 BITS = (2, 3, 4)
+
+if TYPE_CHECKING:
+    from neuqi.pipeline.plan import Knobs
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_VERSION = 1
 
@@ -44,6 +48,18 @@ class QuantizeConfig:
     distill_norms: bool = False  # also train the RMSNorm weights
     # implementation of the NeUQI search (neuqi.solver.BACKENDS); `resolved` makes it concrete
     solver_backend: str = "auto"
+    # Not in the manifest (they never change the method, only how much is held at once):
+    max_memory: int | None = None  # bytes of device memory (host on cpu); None: the default
+    memory_knobs: str | None = None  # plan.Knobs.encode() of the runner's plan; None: hold all
+
+    @property
+    def knobs(self) -> Knobs:
+        """What the stages hold at once (the plan's, or everything when none was made)."""
+        from neuqi.pipeline.plan import Knobs
+
+        if self.memory_knobs:
+            return Knobs.decode(self.memory_knobs)
+        return Knobs(self.batch_size, 0, False, 0, 0)
 
     def validate(self) -> None:
         if self.bits not in BITS:
@@ -68,6 +84,8 @@ class QuantizeConfig:
             raise UserError(f"--gptq-block-size {self.gptq_block_size}: use 1 or more")
         if self.distill_steps < 0:
             raise UserError(f"--distill-steps {self.distill_steps}: use 0 (off) or more")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise UserError(f"--max-memory {self.max_memory}: give a positive size")
         if not self.distill_lr > 0:
             raise UserError(f"--distill-lr {self.distill_lr}: give a positive learning rate")
 
@@ -88,6 +106,8 @@ class QuantizeConfig:
 
     def manifest(self, model_fingerprint: str, calib_sha256: str) -> dict[str, Any]:
         options = asdict(self)
+        for key in ("max_memory", "memory_knobs"):  # how much is held, not what is computed
+            options.pop(key)
         if not self.distill_steps:  # job stores made before distillation existed still match
             for key in ("distill_steps", "distill_lr", "distill_norms"):
                 options.pop(key)

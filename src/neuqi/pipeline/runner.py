@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.devices import resolve_device
 from neuqi.errors import UserError, disk_full_is_user_error
 from neuqi.output import check_output_target, is_neuqi_output
-from neuqi.pipeline import tasks
+from neuqi.pipeline import plan, tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir
 from neuqi.pipeline.executor import (
     Executor,
@@ -71,6 +71,7 @@ def quantize(
             check_group_size(ckpt.shape(name)[1], config.group_size, name)
     out = Path(config.out).expanduser()
     check_output_target(out)  # before any work, as the writer will at the end
+    config, summary = _fit_budget(config, str(ckpt.path), device, scheduler)
     text = load_calibration_text(config.calib, field=config.calib_field,
                                  max_chars=hub_max_chars(config.nsamples, config.seqlen))
     windows = calibration_windows(load_tokenizer(ckpt.path), text, config.nsamples, config.seqlen, config.seed)
@@ -81,8 +82,23 @@ def quantize(
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
         store = JobStore.create_or_open(job_dir, manifest)
         with store.locked(), open_executor(scheduler, device) as executor:
+            # after every refusal, so that bad input stays one line
+            log.info(summary)
             return Job(store, ckpt, config, executor.device, log, executor,
                        keep_job).run(windows)
+
+
+def _fit_budget(config: QuantizeConfig, model: str, device: str, scheduler: str | None
+                ) -> tuple[QuantizeConfig, str]:
+    """The job's memory plan (no probe): refuse a budget below what it cannot do without; give
+    the config the knobs the tasks hold to (knobs already set, by a test or a benchmark, are
+    kept); return it and the plan's one-line summary."""
+    dev = str(resolve_device(device)) if not is_remote(scheduler) else (
+        "cpu" if device == "auto" else device)
+    found = plan.make_plan(config, dev, model=model, with_probe=False)
+    plan.refuse_unless_fits(found)
+    return replace(config, max_memory=found.budget,
+                   memory_knobs=config.memory_knobs or found.knobs.encode()), found.summary()
 
 
 def resume(

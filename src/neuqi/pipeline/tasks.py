@@ -28,6 +28,7 @@ from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import forward_rows
 from neuqi.stages.gptq import hessian_name, read_hessian, run_gptq_solve
 from neuqi.stages.hessian import BatchSums, batch_sums, write_full_hessians
+from neuqi.stages.layer import load_layer
 from neuqi.stages.solve import run_solve
 
 # Fault injection for the crash tests: SIGKILL this process after that many completion records.
@@ -76,11 +77,13 @@ def hessian_task(
     """Per-batch partial Hessian sums of the batches beginning at ``starts`` (CPU, float64). A
     GPTQ job's task covers every batch and also stores the full Hessians."""
     dev = torch.device(device)
-    layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+    knobs = config.knobs
+    layer = load_layer(ckpt, layer_index, dev, config.torch_dtype,
+                       linear_at_a_time=knobs.linear_at_a_time, mlp_chunk=knobs.mlp_chunk)
     rotary = build_rotary(ckpt.config, dev)
     full: dict[str, torch.Tensor] | None = {} if config.gptq else None
     sums = batch_sums(store, layer_index, layer, ckpt.arch, rotary, config.batch_size, dev,
-                      starts, full)
+                      starts, full, windows=knobs.windows)
     if full is not None:  # the runner gives a GPTQ job's Hessian all batches in one task
         write_full_hessians(store, layer_index, full, sums)
     return sums
@@ -99,22 +102,26 @@ def solve_task(
     key = solve_key(layer_index, linear)
     if not store.is_done(key):
         dev = torch.device(device)
+        knobs = config.knobs
         name = f"{ckpt.arch.layer_prefix(layer_index)}{linear}.weight"
-        weight = ckpt.read(name, device=dev, dtype=config.torch_dtype)
+        rows = knobs.gptq_rows if config.gptq else knobs.solve_rows
+        # in row blocks: the weight stays as stored, on the host, each block cast on the device
+        weight = (ckpt.read(name) if rows else
+                  ckpt.read(name, device=dev, dtype=config.torch_dtype))
         h = store.read_array(h_name(layer_index, group), device=dev)
         if config.gptq:
             hessian = read_hessian(store, hessian_name(layer_index, group), dev)
             arrays, info = run_gptq_solve(
                 store, layer_index, linear, weight, h, hessian, bits=config.bits,
                 group_size=config.group_size, method=config.method, act_order=config.act_order,
-                block_size=config.gptq_block_size, device=dev, weight_name=name,
-                backend=config.solver_backend,
+                block_size=config.gptq_block_size, device=dev, weight_name=name, rows=rows,
+                dtype=config.torch_dtype, backend=config.solver_backend,
             )
         else:
             arrays, loss = run_solve(
                 store, layer_index, linear, weight, h, bits=config.bits,
                 group_size=config.group_size, method=config.method, device=dev, weight_name=name,
-                backend=config.solver_backend,
+                rows=rows, dtype=config.torch_dtype, backend=config.solver_backend,
             )
             info = {"loss": loss}
         mark(store, key, arrays, info)
@@ -130,12 +137,24 @@ def forward_task(
     """Rows of the next layer's inputs for the batches beginning at ``starts``; with sequential
     quantization through the layer's dequantized weights (its solves must be done)."""
     dev = torch.device(device)
-    layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
-    if config.sequential:
-        load_quantized_weights(store, ckpt, config, layer_index, layer, dev)
+    knobs = config.knobs
+    if knobs.linear_at_a_time or knobs.mlp_chunk:
+        source = None
+        if config.sequential:
+            def source(linear: str) -> torch.Tensor:
+                codes, scale, zero = quant_params(store, layer_index, linear, dev)
+                return dequantize(codes, scale, zero, config.group_size, config.torch_dtype)
+        layer = load_layer(ckpt, layer_index, dev, config.torch_dtype, source=source,
+                           linear_at_a_time=knobs.linear_at_a_time, mlp_chunk=knobs.mlp_chunk)
+        if config.sequential:
+            load_distilled_norms(store, layer, distilled_norms(store, layer_index))
+    else:
+        layer = build_layer(ckpt, layer_index, dev, config.torch_dtype)
+        if config.sequential:
+            load_quantized_weights(store, ckpt, config, layer_index, layer, dev)
     rotary = build_rotary(ckpt.config, dev)
     forward_rows(store, layer_index, layer, rotary, config.torch_dtype, config.batch_size, dev,
-                 starts)
+                 starts, windows=knobs.windows)
 
 
 def load_quantized_weights(

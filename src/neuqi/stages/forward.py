@@ -26,17 +26,22 @@ def create_next_acts(store: JobStore, layer_index: int, dtype: torch.dtype) -> s
 
 def forward_rows(
     store: JobStore, layer_index: int, layer: nn.Module, rotary: nn.Module, dtype: torch.dtype,
-    batch_size: int, device: torch.device, starts: list[int],
+    batch_size: int, device: torch.device, starts: list[int], windows: int | None = None,
 ) -> None:
-    """Run the batches that begin at ``starts`` and write their rows of the next layer's inputs."""
+    """Run the batches that begin at ``starts`` and write their rows of the next layer's inputs
+    (``windows`` calibration windows at a time: the memory budget's; default the whole batch)."""
     src, dst = acts_name(layer_index), acts_name(layer_index + 1)
     total = store.array_shape(src)[0]
+    step = windows or batch_size
     with torch.no_grad():
         for start in starts:
-            rows = slice(start, min(start + batch_size, total))
-            hidden = store.read_array(src, device=device, rows=rows)
-            out = layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
-            store.write_rows(dst, start, out.to(dtype).cpu())
+            stop = min(start + batch_size, total)
+            for lo in range(start, stop, step):
+                hidden = store.read_array(src, device=device, rows=slice(lo, min(lo + step, stop)))
+                out = layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
+                del hidden
+                store.write_rows(dst, lo, out.to(dtype).cpu())
+                del out
 
 
 def run_forward(

@@ -19,6 +19,7 @@ from neuqi.gptq import DAMP, LAZY_MINMAX, gptq_quantize
 from neuqi.pipeline.store import JobStore
 from neuqi.solver import quantize_tensor
 from neuqi.stages.common import Q_PARTS, q_name
+from neuqi.stages.solve import row_blocks
 
 HESSIAN_BLOCK_BYTES = 16 * 2**20  # rows per chunk of a stored Hessian: about 16 MiB
 
@@ -68,36 +69,55 @@ def read_hessian(store: JobStore, name: str, device: torch.device) -> torch.Tens
 def run_gptq_solve(
     store: JobStore, layer_index: int, linear: str, weight: torch.Tensor, h_diag: torch.Tensor,
     hessian: torch.Tensor, *, bits: int, group_size: int, method: str, act_order: bool,
-    block_size: int, device: torch.device, weight_name: str, backend: str = "auto",
+    block_size: int, device: torch.device, weight_name: str, rows: int = 0,
+    dtype: torch.dtype | None = None, backend: str = "auto",
 ) -> tuple[list[str], dict[str, Any]]:
     """GPTQ for one linear: initial (s, z) from ``method`` on the original weight and ``h_diag``
     (none for ``minmax-lazy``, which finds its own), then error compensation against ``hessian``.
     Stores codes/scale/zero_point/loss as `run_solve` does (loss: ``sum_i h_i (w_i - ŵ_i)²`` per
     group, the same definition) and returns the array names and the record's info: ``loss`` (its
     total), ``output_error`` (``tr(ΔHΔᵀ)``, what GPTQ minimises) and ``damp`` (the dampening
-    fraction that made ``H`` positive definite; None: none did, the columns were rounded)."""
+    fraction that made ``H`` positive definite; None: none did, the columns were rounded).
+
+    ``rows`` (the memory budget's; 0: all): GPTQ runs on blocks of that many weight rows, each
+    cast to ``dtype`` on the device in its turn (rows are independent given ``H``; the inverse
+    factor is recomputed per block, time traded for memory)."""
     lazy = method == LAZY_MINMAX
-    scale = zero = None
-    if not lazy:
-        init = quantize_tensor(weight, h_diag, bits=bits, group_size=group_size, method=method,
-                               device=device, name=weight_name, backend=backend)
-        scale, zero = init.scale, init.zero_point
-        del init
-    res = gptq_quantize(
-        weight, hessian, scale, zero, bits=bits, group_size=group_size, act_order=act_order,
-        block_size=block_size, lazy_minmax=lazy, device=device, name=weight_name,
-    )
-    out_features = res.codes.shape[0]
-    w = weight.to(device=device, dtype=torch.float32)
-    diff2 = (w - res.dequantize()).pow(2) * h_diag.to(device=device, dtype=torch.float32)
-    loss = diff2.view(out_features, res.scale.shape[1], -1).sum(-1)
-    parts = {"codes": res.codes, "scale": res.scale, "zero_point": res.zero_point, "loss": loss}
+    parts: dict[str, list[torch.Tensor]] = {part: [] for part in Q_PARTS}
+    output_error, damp_used = 0.0, 0.0
+    h = h_diag.to(device=device, dtype=torch.float32)
+    for block in row_blocks(weight.shape[0], weight.shape[1], group_size, rows):
+        w = weight[block].to(device=device, dtype=dtype or weight.dtype)
+        scale = zero = None
+        if not lazy:
+            init = quantize_tensor(w, h_diag, bits=bits, group_size=group_size, method=method,
+                                   device=device, name=weight_name, backend=backend)
+            scale, zero = init.scale, init.zero_point
+            del init
+        res = gptq_quantize(
+            w, hessian, scale, zero, bits=bits, group_size=group_size, act_order=act_order,
+            block_size=block_size, lazy_minmax=lazy, device=device, name=weight_name,
+        )
+        out_features = res.codes.shape[0]
+        diff2 = (w.to(torch.float32) - res.dequantize()).pow(2).mul_(h)
+        del w
+        loss = diff2.view(out_features, res.scale.shape[1], -1).sum(-1)
+        del diff2
+        for part, value in (("codes", res.codes), ("scale", res.scale),
+                            ("zero_point", res.zero_point), ("loss", loss)):
+            parts[part].append(value.cpu())
+        output_error += res.output_error
+        damp_used = max(damp_used, res.damp_used)
+        del res, loss
     names = []
     for part in Q_PARTS:
         name = q_name(layer_index, linear, part)
-        store.write_array(name, parts[part].cpu())
+        value = torch.cat(parts[part]) if len(parts[part]) > 1 else parts[part][0]
+        store.write_array(name, value)
         names.append(name)
-    info = {"loss": float(loss.sum()), "output_error": res.output_error, "damp": res.damp_used if math.isfinite(res.damp_used) else None}
+    info = {"loss": float(sum(float(x.sum()) for x in parts["loss"])),
+            "output_error": output_error,
+            "damp": damp_used if math.isfinite(damp_used) else None}
     return names, info
 
 

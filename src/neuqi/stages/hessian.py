@@ -25,6 +25,7 @@ from neuqi.stages.gptq import accumulate_hessian, hessian_name
 from neuqi.stages.gptq import write_hessian as write_full_hessian
 
 DAMPING = 0.01  # fraction of the mean diagonal added to every h_j (design note, section 2)
+SQUARE_BYTES = 64 * 2**20  # the float64 squares of a linear's input, this many bytes at a time
 
 #: Per batch, per input group: (``sum x_j²`` over the batch's tokens in float64, token count).
 BatchSums = dict[str, tuple[torch.Tensor, int]]
@@ -35,34 +36,55 @@ def batch_starts(total: int, batch_size: int) -> list[int]:
     return list(range(0, total, batch_size))
 
 
+def _square_sums(x: torch.Tensor) -> torch.Tensor:
+    """``sum x_j²`` over the rows of ``x [rows, d]`` in float64, ``SQUARE_BYTES`` at a time."""
+    step = max(1, SQUARE_BYTES // (8 * x.shape[-1]))
+    total = None
+    for lo in range(0, x.shape[0], step):
+        part = x[lo:lo + step].to(torch.float64)
+        part = (part * part).sum(0)
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total.cpu()
+
+
 def batch_sums(
     store: JobStore, layer_index: int, layer: nn.Module, arch: ArchSpec, rotary: nn.Module,
     batch_size: int, device: torch.device, starts: list[int],
-    full: dict[str, torch.Tensor] | None = None,
+    full: dict[str, torch.Tensor] | None = None, windows: int | None = None,
 ) -> list[BatchSums]:
     """Partial sums of the batches that begin at ``starts`` (from :func:`batch_starts`), each on
     the CPU, in the order given. With ``full`` (GPTQ), ``XᵀX`` of every input group is also added
-    into ``full[group]`` (float32, on ``device``, in batch order)."""
+    into ``full[group]`` (float32, on ``device``, in batch order). ``windows``: run a batch
+    through the layer that many calibration windows at a time (default: the whole batch), to
+    hold less (the memory budget); the batch's sums add them up."""
     total = store.array_shape(acts_name(layer_index))[0]
-    current: BatchSums = {}
+    current: dict[str, tuple[torch.Tensor, int]] = {}
     hooks = []
     for group, linears in arch.linear_groups:
         module = layer.get_submodule(linears[0])
 
         def hook(_module: nn.Module, args: tuple, group: str = group) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            current[group] = ((x * x).sum(0).cpu(), x.shape[0])
+            x = args[0].reshape(-1, args[0].shape[-1])
+            squares, count = _square_sums(x), x.shape[0]
+            if group in current:  # a later window or MLP chunk of the same batch
+                squares, count = current[group][0] + squares, current[group][1] + count
+            current[group] = (squares, count)
             if full is not None:
                 full[group] = accumulate_hessian(full.get(group), args[0])
 
         hooks.append(module.register_forward_pre_hook(hook))
+    step = windows or batch_size
     out = []
     try:
         with torch.no_grad():
             for start in starts:
-                rows = slice(start, min(start + batch_size, total))
-                hidden = store.read_array(acts_name(layer_index), device=device, rows=rows)
-                layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
+                stop = min(start + batch_size, total)
+                for lo in range(start, stop, step):
+                    hidden = store.read_array(acts_name(layer_index), device=device,
+                                              rows=slice(lo, min(lo + step, stop)))
+                    layer_forward(layer, hidden, position_embeddings_for(rotary, hidden))
+                    del hidden
                 out.append(dict(current))
                 current.clear()
     finally:

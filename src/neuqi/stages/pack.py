@@ -29,12 +29,16 @@ def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
     }
 
 
+MAX_SHARD_BYTES = 2 * 2**30  # a 405B layer in float32 would be 12.7 GB of host memory
+
+
 def shard_bytes(ckpt: Checkpoint) -> int:
-    """Output shard size: one decoder layer's weights in float32 (at least 32 MiB), so writing the
-    output holds about one layer in memory, whatever the number of layers."""
+    """Output shard size: one decoder layer's weights in float32 (at least 32 MiB, at most
+    ``MAX_SHARD_BYTES``), so writing the output holds about one layer in memory, whatever the
+    number of layers."""
     prefix = ckpt.arch.layer_prefix(0)
     params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names if n.startswith(prefix))
-    return max(4 * params, 32 * 2**20)
+    return min(max(4 * params, 32 * 2**20), MAX_SHARD_BYTES)
 
 
 def run_pack(
