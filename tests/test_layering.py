@@ -96,6 +96,7 @@ ALLOWED_UPWARD = {
     "neuqi.stages": {"neuqi.pipeline.store"},
     # pure computation: no pipeline, no stages, no command line
     "neuqi.solver": set(),
+    "neuqi.solver_numba": set(),
     "neuqi.gptq": set(),
     "neuqi.packing": set(),
     "neuqi.architectures": set(),

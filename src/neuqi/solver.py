@@ -517,6 +517,21 @@ def compiled_window_step(x: Tensor, h: Tensor, z0: Tensor, levels: int) -> Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+def _search_numba(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Tensor, Tensor]:
+    """:func:`search_scale` by the compiled CPU kernel (:mod:`neuqi.solver_numba`), started from
+    this module's own sort, prefix sums and Min-Max scale."""
+    from neuqi.solver_numba import search_scale_numba
+
+    w = w.to(device="cpu", dtype=torch.float32).contiguous()
+    h = h.to(device="cpu", dtype=torch.float32).contiguous()
+    s_mm, _ = minmax_params(w, levels)
+    w_sorted, order = torch.sort(w, dim=1)
+    h_sorted = h.gather(1, order)
+    hs_prefix, hws_prefix = _prefix_sums(w_sorted, h_sorted)
+    return search_scale_numba(w, h, w_sorted, h_sorted, hs_prefix, hws_prefix, s_mm, levels,
+                              (COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH), integer=integer)
+
+
 def quantize_tensor(
     weight: Tensor,
     h_diag: Tensor | None = None,
@@ -567,14 +582,12 @@ def quantize_tensor(
     if method == "minmax":
         scale, zero = minmax_params(groups, levels)
     elif resolve_backend(backend, device) == "numba":
-        from neuqi.solver_numba import search_scale_numba
-
         scale = torch.empty(total, device=device)
         zero = torch.empty_like(scale)
         chunk = max(1, NUMBA_CHUNK_ELEMENTS // g)
         for lo in range(0, total, chunk):
-            s, z = search_scale_numba(groups[lo:lo + chunk].cpu(), h_norm[lo:lo + chunk].cpu(),
-                                      levels, integer=method == "neuqi-int")
+            s, z = _search_numba(groups[lo:lo + chunk], h_norm[lo:lo + chunk], levels,
+                                 integer=method == "neuqi-int")
             scale[lo:lo + chunk], zero[lo:lo + chunk] = s.to(device), z.to(device)
     else:
         chunk = max(1, CHUNK_ELEMENTS // (COARSE_STEPS * g))

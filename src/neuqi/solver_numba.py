@@ -371,34 +371,24 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
 
 
 def search_scale_numba(
-    w: Tensor, h: Tensor, levels: int, integer: bool = False, iterations: int = 16,
+    w: Tensor, h: Tensor, w_sorted: Tensor, h_sorted: Tensor, hs_prefix: Tensor,
+    hws_prefix: Tensor, s_mm: Tensor, levels: int, grid: tuple[int, int, int],
+    integer: bool = False, iterations: int = 16,
 ) -> tuple[Tensor, Tensor]:
     """NeUQI's scale search (:func:`neuqi.solver.search_scale`) for rows of ``w [G, m]`` with
     normalised ``h [G, m]`` (float32, CPU); returns ``(scale, zero_point)``, each ``[G]``.
 
-    The sort, the float32 prefix sums that the relaxed step bisects on and the Min-Max scale are
-    the reference's own torch computations, so the kernel starts from the same numbers.
+    The caller (:func:`neuqi.solver.quantize_tensor`) gives the reference's own torch
+    computations of the sorted weights, the float32 prefix sums that the relaxed step bisects on
+    and the Min-Max scale, so the kernel starts from the same numbers; ``grid`` is the reference's
+    ``(COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH)``.
     """
-    from neuqi.solver import (
-        COARSE_STEPS,
-        FINE_DIVISOR,
-        FINE_HALF_WIDTH,
-        _prefix_sums,
-        minmax_params,
-    )
-
-    w = w.to(torch.float32).contiguous()
-    h = h.to(torch.float32).contiguous()
-    s_mm, _ = minmax_params(w, levels)
-    w_sorted, order = torch.sort(w, dim=1)
-    h_sorted = h.gather(1, order)
-    hs_prefix, hws_prefix = _prefix_sums(w_sorted, h_sorted)
     scale = np.empty(w.shape[0], np.float32)
     zero = np.empty(w.shape[0], np.float32)
     evals = np.empty(w.shape[0], np.int64)
     numba.set_num_threads(min(max(1, torch.get_num_threads()), numba.config.NUMBA_NUM_THREADS))
     _search(w.numpy(), h.numpy(), w_sorted.numpy(), h_sorted.contiguous().numpy(),
             hs_prefix.numpy(), hws_prefix.numpy(), s_mm.contiguous().numpy(), levels, integer,
-            iterations, COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH, scale, zero, evals)
+            iterations, *grid, scale, zero, evals)
     LAST_EVALS[0] = float(evals.mean()) if len(evals) else 0.0
     return torch.from_numpy(scale), torch.from_numpy(zero)
