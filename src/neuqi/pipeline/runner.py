@@ -82,10 +82,8 @@ def quantize(
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
         store = JobStore.create_or_open(job_dir, manifest)
         with store.locked(), open_executor(scheduler, device) as executor:
-            # after every refusal, so that bad input stays one line
-            log.info(summary)
-            return Job(store, ckpt, config, executor.device, log, executor,
-                       keep_job).run(windows)
+            return Job(store, ckpt, config, executor.device, log, executor, keep_job,
+                       summary).run(windows)
 
 
 def _fit_budget(config: QuantizeConfig, model: str, device: str, scheduler: str | None
@@ -159,6 +157,7 @@ class Job:
     log: Log
     executor: Executor | None = None
     keep_job: bool = False  # else the arrays are deleted once the output is written
+    plan_summary: str = ""  # the memory plan's line, printed when the work starts
 
     def __post_init__(self) -> None:
         if self.executor is None:
@@ -199,6 +198,8 @@ class Job:
                 f"intermediate results (run without --keep-job): delete {store.path} and run the "
                 f"command again to quantize from the start"
             )
+        if self.plan_summary:  # after every refusal, so that bad input stays one line
+            self.log.info(self.plan_summary)
         done, total = self.units()
         if done:
             self.log.info(f"resuming job {store.path}: {done}/{total} steps already done")
