@@ -298,14 +298,15 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
     chunk = min(k.mlp_chunk or tokens, tokens)
     big_name, big_out, big_in = shape.largest
     big = big_out * big_in
+    pages = 1 if cuda else 2  # a tensor read on the host: its copy and its mapped file pages
     if k.linear_at_a_time:
         weights = {"layer norms and biases": shape.layer_other_bytes * f // max(sb, 1),
                    f"one linear ({big_name}, {opt['dtype']})": big * f,
-                   "its stored copy while read": big * sb}
+                   "its stored copy (and file pages) while read": pages * big * sb}
     else:
         weights = {f"decoder layer ({opt['dtype']})": shape.layer_params * f
                    + shape.layer_other_bytes * f // max(sb, 1),
-                   "largest stored tensor while read": big * sb}
+                   "largest stored tensor (and its file pages) while read": pages * big * sb}
     acts = {"hidden-sized activations": ACT_HIDDEN * tokens * h * f,
             "MLP intermediate activations": ACT_MLP * chunk * m_width * f}
     hook = 2 * min(HOOK_ROWS_BYTES, tokens * m_width * 8)
@@ -326,9 +327,9 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             hes[f"full Hessian of {g} ({d}x{d} float32)"] = d * d * 4
         hes["transposed input for XᵀX"] = max(tokens * h, chunk * m_width) * 4
     stages.append(Stage("hessian", sum(hes.values()), host(sum(hes.values()),
-                                                         big * sb + tokens * h * f), hes))
+                                                         2 * big * sb + tokens * h * f), hes))
     rows = k.solve_rows or big_out
-    solve = {f"{big_name} as stored": big * sb,
+    solve = {f"{big_name} as stored (and its file pages while read)": pages * big * sb,
              f"solver on {rows} rows (float32)": SOLVE_WEIGHT * rows * big_in * 4,
              "codes, scales, zero-points": big + 3 * big // max(opt["group"], 1) * 4}
     if opt["method"] not in ("minmax", "minmax-lazy"):
@@ -337,7 +338,7 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
         name, out_f, in_f = max(shape.linears, key=lambda t: t[2] * t[2] * 4 * (
             1 + GPTQ_HESSIAN) + t[1] * t[2] * (sb + 4 * GPTQ_WEIGHT))
         rows = k.gptq_rows or out_f
-        solve = {f"{name} as stored": out_f * in_f * sb,
+        solve = {f"{name} as stored (and its file pages while read)": pages * out_f * in_f * sb,
                  f"full Hessian of {name} (float32)": in_f * in_f * 4,
                  "codes, scales, zero-points": out_f * in_f + 3 * out_f * in_f // max(
                      opt["group"], 1) * 4}
@@ -351,12 +352,12 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             solve["GPTQ's inverse-Hessian factor and work copies"] = int(
                 GPTQ_HESSIAN * in_f * in_f * 4)
             solve[f"GPTQ on {rows} rows (float32)"] = GPTQ_WEIGHT * rows * in_f * 4
-    stages.append(Stage("solve", sum(solve.values()), host(sum(solve.values()), big * sb), solve))
+    stages.append(Stage("solve", sum(solve.values()), host(sum(solve.values()), 2 * big * sb), solve))
     fwd = {**weights, **acts}
     if opt["sequential"]:
         fwd["dequantized linear while loaded"] = big * (f + 1)
     stages.append(Stage("forward", sum(fwd.values()), host(sum(fwd.values()),
-                                                        big * sb + tokens * h * f), fwd))
+                                                        2 * big * sb + tokens * h * f), fwd))
     shard = min(4 * (shape.layer_params + shape.layer_other_bytes), 2 * GiB)
     pack = {"output shard being written": shard, "one linear's codes": big * 2}
     stages.append(Stage("pack", 0 if cuda else sum(pack.values()), base + sum(pack.values()),
@@ -364,12 +365,24 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
     return stages
 
 
+STORE_CHUNK_BYTES = 64 * 2**20  # the job store's default chunk (rows of about this many bytes)
+
+
+def _stored(rows: int, cols: int, itemsize: int) -> int:
+    """Bytes of an uncompressed ``[rows, cols]`` array in the job store: its last chunk of rows is
+    written whole."""
+    row = cols * itemsize
+    per = max(1, min(rows, STORE_CHUNK_BYTES // max(row, 1)))
+    return -(-rows // per) * per * row
+
+
 def _disk(shape: ModelShape, opt: dict[str, Any]) -> tuple[int, dict[str, int], int]:
     f = DTYPE_BYTES[opt["dtype"]]
     n, s = opt["nsamples"], opt["seqlen"]
     g = opt["group"]
     acts = n * s * shape.hidden * f
-    q = sum(o * i + 3 * 4 * o * (i // g if g > 0 else 1) for _, o, i in shape.linears)
+    q = sum(_stored(o, i, 1) + 3 * _stored(o, i // g if g > 0 else 1, 4)
+            for _, o, i in shape.linears)
     q += 4 * sum(d for _, d in shape.groups)
     layers = shape.layers
     # layer i < n-1 holds its inputs and the next layer's, and i+1 layers' parameters; the last
