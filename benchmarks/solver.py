@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     device = torch.device(args.device)
+    # every bits x group size x method is its own compiled graph of the reference: keep them all
+    # compiled (past torch._dynamo's default limit of 8 the reference would fall back to eager)
+    torch._dynamo.config.recompile_limit = 64
     shapes = [(s, LLAMA70B[s]) if s in LLAMA70B else (s, tuple(int(d) for d in s.split("x")))
               for s in args.shapes.split(",")]
     backends = args.backends.split(",")
