@@ -205,7 +205,7 @@ def _edit_json(file: Path, edit) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "arch"), [("gpt2", "GPT2LMHeadModel"), ("mixtral", "MixtralForCausalLM")]
+    ("model_type", "arch"), [("gpt2", "GPT2LMHeadModel"), ("dbrx", "DbrxForCausalLM")]
 )
 def test_unsupported_architecture(
     tiny_llama: Path, tmp_path: Path, model_type: str, arch: str

@@ -9,12 +9,32 @@ model family starts here: an :class:`ArchSpec` (or a family added to one) and it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from neuqi.errors import UserError
 
-__all__ = ["ARCHITECTURES", "LLAMA_LIKE", "SUPPORTED_FAMILIES", "ArchSpec", "arch_for"]
+__all__ = [
+    "ARCHITECTURES", "LLAMA_LIKE", "MOE_FAMILIES", "SUPPORTED_FAMILIES", "ArchSpec", "MoELayout",
+    "arch_for",
+]
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where a mixture-of-experts model's experts are (filled from the config by :func:`arch_for`).
+
+    ``expert_linears``: the checkpoint's per-expert names of (gate, up, down), e.g. Mixtral's
+    ``("w1", "w3", "w2")``; an expert's weight is ``mlp.experts.{e}.{name}.weight``. ``shared``:
+    the shared expert's module (``mlp.shared_expert`` / ``mlp.shared_experts``) or ``""``.
+    ``sparse_layers``: the layers whose MLP is the MoE block (the others are dense MLPs).
+    The router (``mlp.gate``) and Qwen2-MoE's ``shared_expert_gate`` stay in full precision.
+    """
+
+    experts: int
+    expert_linears: tuple[str, str, str]
+    sparse_layers: tuple[int, ...]
+    shared: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,39 @@ class ArchSpec:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    moe: MoELayout | None = None  # mixture-of-experts families: set per config by arch_for
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether decoder layer ``index``'s MLP is a mixture of experts."""
+        return self.moe is not None and index in self.moe.sparse_layers
+
+    def groups(self, index: int) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """``linear_groups`` of decoder layer ``index`` (an MoE layer: attention, the shared
+        expert's ``mlp_in``/``shared_out``, then each expert's ``e{e}_in``/``e{e}_out``)."""
+        if not self.is_moe_layer(index):
+            return self.linear_groups
+        moe = self.moe
+        assert moe is not None
+        out = [(g, names) for g, names in self.linear_groups if not g.startswith("mlp")]
+        if moe.shared:
+            out += [("mlp_in", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj")),
+                    ("shared_out", (f"{moe.shared}.down_proj",))]
+        gate, up, down = moe.expert_linears
+        for e in range(moe.experts):
+            out += [(f"e{e}_in", (f"mlp.experts.{e}.{gate}", f"mlp.experts.{e}.{up}")),
+                    (f"e{e}_out", (f"mlp.experts.{e}.{down}",))]
+        return tuple(out)
+
+    def linears_of(self, index: int) -> tuple[str, ...]:
+        """The quantized linears of decoder layer ``index``, in execution order."""
+        return tuple(name for _, names in self.groups(index) for name in names)
+
+    def group_in(self, index: int, linear: str) -> str:
+        """The input (Hessian) group of ``linear`` in decoder layer ``index``."""
+        for group, names in self.groups(index):
+            if linear in names:
+                return group
+        raise KeyError(linear)
 
     def layer_prefix(self, index: int) -> str:
         """Prefix of decoder layer ``index``'s tensor names, with the trailing dot."""
@@ -75,7 +128,28 @@ LLAMA_LIKE = ArchSpec(
     ),
 )
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE,)
+_MLP_GROUPS = LLAMA_LIKE.linear_groups[2:]
+_MOE_LIKE = ArchSpec(
+    name="moe",
+    families=("mixtral", "qwen2_moe", "qwen3_moe"),
+    class_prefixes=(("mixtral", "Mixtral"), ("qwen2_moe", "Qwen2Moe"), ("qwen3_moe", "Qwen3Moe")),
+    linear_groups=LLAMA_LIKE.linear_groups,
+)
+_DEEPSEEK = ArchSpec(
+    name="deepseek-v3",
+    families=("deepseek_v3",),
+    class_prefixes=(("deepseek_v3", "DeepseekV3"),),
+    linear_groups=(  # multi-head latent attention (q_lora_rank set: q_a/q_b, else q_proj)
+        ("attn_in", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+        ("q_b_in", ("self_attn.q_b_proj",)),
+        ("kv_b_in", ("self_attn.kv_b_proj",)),
+        ("attn_out", ("self_attn.o_proj",)),
+        *_MLP_GROUPS,
+    ),
+)
+MOE_FAMILIES: tuple[str, ...] = (*_MOE_LIKE.families, *_DEEPSEEK.families)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE, _MOE_LIKE, _DEEPSEEK)
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(f for a in ARCHITECTURES for f in a.families)
 
 # Config keys that mark a mixture-of-experts model even under a supported model_type.
@@ -94,6 +168,8 @@ def arch_for(config: Any) -> ArchSpec:
     archs = _get(config, "architectures") or []
     shown = f"model_type {model_type!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
     supported = ", ".join(SUPPORTED_FAMILIES)
+    if model_type in MOE_FAMILIES:
+        return _moe_arch(config, model_type)
     for arch in ARCHITECTURES:
         if model_type in arch.families:
             if any(_get(config, k) for k in _MOE_KEYS):
@@ -115,3 +191,32 @@ def arch_for(config: Any) -> ArchSpec:
     raise UserError(
         f"config.json: architecture {shown} is not supported; supported model_type: {supported}"
     )
+
+
+def _moe_arch(config: Any, model_type: str) -> ArchSpec:
+    """The ArchSpec of an MoE config: its experts and which layers are sparse (defaults as
+    transformers' config classes when config.json leaves a key out)."""
+    layers = int(_get(config, "num_hidden_layers", 0) or 0)
+    if model_type == "deepseek_v3":
+        first_dense = int(_get(config, "first_k_dense_replace", 3))
+        layout = MoELayout(int(_get(config, "n_routed_experts", 256)),
+                           ("gate_proj", "up_proj", "down_proj"),
+                           tuple(range(first_dense, layers)),
+                           "mlp.shared_experts" if _get(config, "n_shared_experts", 1) else "")
+        groups = _DEEPSEEK.linear_groups
+        if _get(config, "q_lora_rank", 1536) is None:
+            groups = (("attn_in", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+                      *groups[2:])
+        return replace(_DEEPSEEK, linear_groups=groups, moe=layout)
+    if model_type == "mixtral":
+        layout = MoELayout(int(_get(config, "num_local_experts", 8)), ("w1", "w3", "w2"),
+                           tuple(range(layers)))
+    else:
+        experts = int(_get(config, "num_experts", 60 if model_type == "qwen2_moe" else 128))
+        step = int(_get(config, "decoder_sparse_step", 1) or 1)
+        dense = set(_get(config, "mlp_only_layers", None) or ())
+        sparse = tuple(i for i in range(layers)
+                       if i not in dense and experts > 0 and (i + 1) % step == 0)
+        shared = "mlp.shared_expert" if model_type == "qwen2_moe" else ""
+        layout = MoELayout(experts, ("gate_proj", "up_proj", "down_proj"), sparse, shared)
+    return replace(_MOE_LIKE, moe=layout)

@@ -15,7 +15,7 @@ from neuqi.architectures import ArchSpec, arch_for
 from neuqi.errors import UserError
 from neuqi.safety import check_path_fields
 
-__all__ = ["HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
+__all__ = ["FP8_SCALE", "HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -185,7 +185,7 @@ class Checkpoint:
             raise UserError(f"{path}/{e}") from None
         check_path_fields(path)  # before transformers opens any file the folder names
         config = _load_config(path)
-        arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
+        arch = arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
         config._attn_implementation = "sdpa"
 
         weight_map = _weight_map(path)
@@ -210,7 +210,7 @@ class Checkpoint:
         """Embedding, final norm, head and every layer's linear weights are present."""
         needed = [self.arch.embed, self.arch.final_norm, self.lm_head_name]
         for i in range(self.layer_count):
-            needed += [f"{self.arch.layer_prefix(i)}{n}.weight" for n in self.arch.linears]
+            needed += [f"{self.arch.layer_prefix(i)}{n}.weight" for n in self.arch.linears_of(i)]
         for name in needed:
             if name not in self._weight_map:
                 raise UserError(
@@ -221,8 +221,19 @@ class Checkpoint:
     # ------------------------------------------------------------------ queries
     @property
     def names(self) -> list[str]:
-        """All tensor names, sorted."""
-        return sorted(self._weight_map)
+        """All tensor names, sorted; an FP8 weight's block scales (``weight_scale_inv``) are part
+        of its weight (:meth:`read` dequantizes it), not names of their own."""
+        return sorted(n for n in self._weight_map if not self._is_fp8_scale(n))
+
+    def _is_fp8_scale(self, name: str) -> bool:
+        return name.endswith(FP8_SCALE) and name[: -len(FP8_SCALE)] + "weight" in self._weight_map
+
+    def fp8_scale_of(self, name: str) -> str | None:
+        """The block-scale tensor of FP8 weight ``name`` (DeepSeek-V3's checkpoints), else None."""
+        if not name.endswith(".weight") or not self.stored_dtype(name).startswith("F8_"):
+            return None
+        scale = name[: -len("weight")] + FP8_SCALE
+        return scale if scale in self._weight_map else None
 
     def has(self, name: str) -> bool:
         """Whether tensor ``name`` is in the checkpoint."""
@@ -274,6 +285,11 @@ class Checkpoint:
 
         with safe_open(str(self.shard_of(name)), framework="pt") as f:
             t = f.get_tensor(name)
+        scale_name = self.fp8_scale_of(name)
+        if scale_name is not None:
+            qc = getattr(self.config, "quantization_config", None) or {}
+            block = (qc.get("weight_block_size") if isinstance(qc, dict) else None) or (128, 128)
+            t = _dequantize_fp8(t, self.read(scale_name), tuple(block), dtype or torch.bfloat16)
         t = t.to(device)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -321,6 +337,26 @@ class Checkpoint:
             f"Checkpoint({str(self.path)!r}, model_type={self.config.model_type!r}, "
             f"layers={self.layer_count}, shards={len(self._headers)})"
         )
+
+
+FP8_SCALE = "weight_scale_inv"
+
+
+def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``weight * scale_inv`` per ``block`` (``scale_inv [ceil(out/bo), ceil(in/bi)]``), one
+    block row at a time, so only one block row is ever held in float32 beside the FP8 tensor."""
+    out_f, in_f = weight.shape
+    bo, bi = int(block[0]), int(block[1])
+    if tuple(scale_inv.shape) != (-(-out_f // bo), -(-in_f // bi)):
+        raise UserError(f"FP8 block scales of shape {tuple(scale_inv.shape)} do not match a "
+                        f"{out_f}x{in_f} weight in {bo}x{bi} blocks; the checkpoint is damaged")
+    out = torch.empty(out_f, in_f, dtype=dtype)
+    for r, lo in enumerate(range(0, out_f, bo)):
+        block = weight[lo:lo + bo].to(torch.float32)
+        scales = scale_inv[r].to(torch.float32).repeat_interleave(bi)[:in_f]
+        out[lo:lo + bo] = (block * scales).to(dtype)
+    return out
 
 
 def _load_config(path: Path) -> Any:

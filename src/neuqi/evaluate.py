@@ -34,8 +34,8 @@ from neuqi.models import (
     build_head,
     build_layer,
     build_rotary,
-    decoder_layer_class,
     layer_forward,
+    new_layer,
     position_embeddings_for,
 )
 
@@ -151,11 +151,10 @@ class OutputModel:
         if not 0 <= index < self.layer_count:
             raise IndexError(f"layer {index} out of range (model has {self.layer_count})")
         prefix = self.arch.layer_prefix(index)
-        with torch.device("meta"):
-            layer = decoder_layer_class(self.config)(self.config, index)
+        layer = new_layer(self.config, index)
         stored = set(self.out.weight_map) | set(self.out.quantized)
         used: set[str] = set()
-        for linear in self.arch.linears:
+        for linear in self.arch.linears_of(index):
             old = layer.get_submodule(linear)
             name = f"{prefix}{linear}.weight"
             bias = f"{prefix}{linear}.bias" if old.bias is not None else None

@@ -40,6 +40,7 @@ __all__ = [
     "causal_mask_for",
     "decoder_layer_class",
     "layer_forward",
+    "new_layer",
     "position_embeddings_for",
 ]
 
@@ -57,6 +58,16 @@ def _family_class(config: Any, suffix: str) -> type[nn.Module]:
 def decoder_layer_class(config: Any) -> type[nn.Module]:
     """The transformers decoder-layer class of ``config``'s family (e.g. LlamaDecoderLayer)."""
     return _family_class(config, "DecoderLayer")
+
+
+def new_layer(config: Any, index: int) -> nn.Module:
+    """Decoder layer ``index`` of ``config``'s family on the meta device, a mixture of experts
+    with one linear per expert projection (:func:`neuqi.moe.unfuse_experts`)."""
+    from neuqi.moe import unfuse_experts
+
+    with torch.device("meta"):
+        layer = decoder_layer_class(config)(config, index)
+    return unfuse_experts(layer, arch_for(config))
 
 
 def _materialise(
@@ -102,9 +113,7 @@ def build_layer(
     """
     if not 0 <= index < ckpt.layer_count:
         raise IndexError(f"layer {index} out of range (model has {ckpt.layer_count})")
-    cls = decoder_layer_class(ckpt.config)
-    with torch.device("meta"):
-        layer = cls(ckpt.config, index)
+    layer = new_layer(ckpt.config, index)
     return _materialise(layer, ckpt, ckpt.arch.layer_prefix(index), device, dtype)
 
 
@@ -180,6 +189,8 @@ def causal_mask_for(
     config = attn.config
     # Qwen2/Qwen3 set self_attn.sliding_window per layer (None on full layers); Mistral reads the config.
     window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+    if not window or not getattr(config, "use_sliding_window", True):  # Qwen2-MoE: 0 / off
+        window = None
     make = create_sliding_window_causal_mask if window is not None else create_causal_mask
     return make(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
 

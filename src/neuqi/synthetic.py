@@ -245,3 +245,115 @@ def build_checkpoint(folder: Path, shape: Shape, layers: int, *, seqlen: int = 2
     write_config(folder, shape, layers, seqlen, dtype)
     write_tokenizer(folder, shape.vocab, seqlen)
     return total
+
+
+def tiny_moe_config(family: str, *, layers: int = 3, experts: int = 4, vocab: int = 512,
+                    seqlen: int = 256, **overrides: object) -> object:
+    """A transformers config of an MoE ``family`` (mixtral, qwen2_moe, qwen3_moe, deepseek_v3):
+    hidden 64, ``experts`` experts of width 32 (2 per token), 4 heads; DeepSeek-V3 with latent
+    attention (q_lora_rank 32, kv_lora_rank 32), a shared expert and its first layer dense;
+    Qwen2-MoE with a shared expert and layer 1 dense (``mlp_only_layers``)."""
+    from transformers import AutoConfig
+
+    base: dict[str, object] = {
+        "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": seqlen, "rms_norm_eps": 1e-5, "bos_token_id": 0,
+        "eos_token_id": 0, "pad_token_id": 1, "tie_word_embeddings": False,
+        "num_experts_per_tok": 2,
+    }
+    if family == "mixtral":
+        base.update(num_local_experts=experts, intermediate_size=32)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        base.update(num_experts=experts, moe_intermediate_size=32, norm_topk_prob=True)
+        if family == "qwen2_moe":
+            base.update(shared_expert_intermediate_size=48, mlp_only_layers=[1])
+        else:
+            base.update(head_dim=16)
+    elif family == "deepseek_v3":
+        base.update(n_routed_experts=experts, moe_intermediate_size=32, n_shared_experts=1,
+                    first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                    n_group=2, topk_group=1, num_key_value_heads=4, rope_interleave=True)
+    else:
+        raise UserError(f"family {family!r}: choose mixtral, qwen2_moe, qwen3_moe, deepseek_v3")
+    base.update(overrides)
+    return AutoConfig.for_model(family, **base)
+
+
+def _fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` as float8_e4m3fn with one float32 ``scale_inv`` per ``block``x``block`` tile."""
+    import torch
+
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    scale = torch.empty(rows, cols)
+    q = torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn)
+    for r in range(rows):
+        for c in range(cols):
+            tile = w[r * block:(r + 1) * block, c * block:(c + 1) * block]
+            s = float(tile.abs().max()) / 448.0 or 1.0
+            scale[r, c] = s
+            q[r * block:(r + 1) * block, c * block:(c + 1) * block] = (tile / s).to(q.dtype)
+    return q, scale
+
+
+def build_from_config(folder: Path, config: object, *, seed: int = 0,
+                      tokenizer_dir: Path | None = None, fp8_block: int = 0) -> Path:
+    """A seeded random checkpoint of any supported ``config`` (transformers config object):
+    config.json, one model.safetensors in the checkpoint's own names (an MoE layer's experts one
+    tensor per expert and projection, as published checkpoints store them) and a tokenizer
+    (copied from ``tokenizer_dir``, else trained). ``fp8_block``: store every decoder-layer
+    linear but the router as float8_e4m3fn with ``weight_scale_inv`` block scales, as
+    DeepSeek-V3's checkpoints do."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from neuqi.architectures import arch_for
+    from neuqi.moe import experts_state_from_fused
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+    arch = arch_for(config)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    if arch.moe is not None:
+        state = experts_state_from_fused(state, arch)
+    if getattr(config, "tie_word_embeddings", False):
+        state.pop(arch.lm_head, None)
+    if fp8_block:
+        quantized = {f"{arch.layer_prefix(i)}{lin}.weight"
+                     for i in range(config.num_hidden_layers) for lin in arch.linears_of(i)}
+        for name in sorted(quantized):
+            state[name], state[name[: -len("weight")] + "weight_scale_inv"] = _fp8_blocks(
+                state[name], fp8_block)
+        config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3",
+                                      "activation_scheme": "dynamic",
+                                      "weight_block_size": [fp8_block, fp8_block]}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and (f.name.startswith("tokenizer") or f.name in (
+                    "special_tokens_map.json", "vocab.json", "merges.txt")):
+                shutil.copyfile(f, folder / f.name)
+    else:
+        write_tokenizer(folder, config.vocab_size, config.max_position_embeddings)
+    return folder

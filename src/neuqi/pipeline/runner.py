@@ -66,7 +66,7 @@ def quantize(
     config = config.resolved(local_device)  # the solver backend the job records
     ckpt = Checkpoint.open(resolve_model(config.model))
     for i in range(ckpt.layer_count):  # refuse a bad group size before any work
-        for linear in ckpt.arch.linears:
+        for linear in ckpt.arch.linears_of(i):
             name = f"{ckpt.arch.layer_prefix(i)}{linear}.weight"
             check_group_size(ckpt.shape(name)[1], config.group_size, name)
     out = Path(config.out).expanduser()
@@ -170,8 +170,8 @@ class Job:
 
     def units(self) -> tuple[int, int]:
         """(done, total) units of work: embed, per layer hessian + solves + forward, pack."""
-        n, linears = self.ckpt.layer_count, self.ckpt.arch.linears
-        total = 1 + n * (1 + len(linears)) + (n - 1) + 1
+        n, arch = self.ckpt.layer_count, self.ckpt.arch
+        total = 1 + n + sum(len(arch.linears_of(i)) for i in range(n)) + (n - 1) + 1
         if self.config.distill_steps:
             total += 2 * n  # forward_fp and distill per layer
         done = len(self.store.records())
@@ -227,7 +227,7 @@ class Job:
                             for s in f.result()]
                     arrays = write_hessian(store, i, ckpt.arch, sums)
                     if cfg.gptq:
-                        arrays += [hessian_name(i, g) for g, _ in ckpt.arch.linear_groups]
+                        arrays += [hessian_name(i, g) for g, _ in ckpt.arch.groups(i)]
                     self.mark(f"hessian/{i}", arrays)
                     steps.advance(f"layer {i + 1}/{n} hessian")
                 pending.append(self._submit_solves(i, started))
@@ -296,7 +296,7 @@ class Job:
         )
 
     def _solved(self, i: int) -> bool:
-        return all(self.store.is_done(f"solve/{i}/{lin}") for lin in self.ckpt.arch.linears)
+        return all(self.store.is_done(f"solve/{i}/{lin}") for lin in self.ckpt.arch.linears_of(i))
 
     def _distill_layer(self, i: int, steps: Steps) -> None:
         """Stages forward_fp/i (the full-precision stream) and distill/i, after layer i's solves."""
@@ -327,7 +327,7 @@ class Job:
     def _submit_solves(self, i: int, started: float) -> Pending:
         """A solve task for every linear of layer ``i`` (a done one just reads its record)."""
         futures, fresh = {}, set()
-        for group, linears in self.ckpt.arch.linear_groups:
+        for group, linears in self.ckpt.arch.groups(i):
             for linear in linears:
                 if not self.store.is_done(tasks.solve_key(i, linear)):
                     fresh.add(linear)
@@ -351,7 +351,7 @@ class Job:
                 continue  # reported by the run that solved it
             summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
             what = "output error" if self.config.gptq else "weighted loss"
-            summary += raised_damping_note(self.store, i, self.ckpt.arch.linears)
+            summary += raised_damping_note(self.store, i, self.ckpt.arch.linears_of(i))
             steps.say(
                 f"layer {i + 1}/{n}: {what} {summary} "
                 f"({time.perf_counter() - layer.started:.1f} s)", progress=True,

@@ -163,7 +163,7 @@ def load_quantized_weights(
 ) -> None:
     """Give the layer's linears their dequantized weights (sequential quantization), and its
     norms their distilled weights when it was distilled with them."""
-    for linear in ckpt.arch.linears:
+    for linear in ckpt.arch.linears_of(layer_index):
         codes, scale, zero = quant_params(store, layer_index, linear, device)
         module = layer.get_submodule(linear)
         module.weight.data = dequantize(codes, scale, zero, config.group_size, module.weight.dtype)

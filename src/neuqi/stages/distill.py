@@ -60,7 +60,7 @@ def run_distill(
     linears = {
         lin: tuple(store.read_array(q_name(i, lin, p), device=device)
                    for p in ("codes", "scale", "zero_point"))
-        for lin in arch.linears
+        for lin in arch.linears_of(i)
     }
     student = with_quant_linears(layer, linears, group_size).to(TRAIN_DTYPE)
     params = trainable_parameters(student, norms)
@@ -88,7 +88,7 @@ def run_distill(
     after = mean_loss()
 
     names: list[str] = []
-    for lin in arch.linears:
+    for lin in arch.linears_of(i):
         module = student.get_submodule(lin)
         for part in ("scale", "zero_point"):
             name = distilled_name(i, lin, part)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from neuqi.checkpoint import Checkpoint
-from neuqi.models import build_layer, decoder_layer_class
+from neuqi.models import build_layer, new_layer
 
 #: linear name (relative to the layer) -> its weight on the device, in the compute dtype
 WeightSource = Callable[[str], torch.Tensor]
@@ -38,16 +38,15 @@ def load_layer(
     if not linear_at_a_time:
         layer = build_layer(ckpt, index, device, dtype)
         if source is not from_checkpoint:
-            for linear in ckpt.arch.linears:
+            for linear in ckpt.arch.linears_of(index):
                 layer.get_submodule(linear).weight.data = source(linear)
     else:
-        with torch.device("meta"):
-            layer = decoder_layer_class(ckpt.config)(ckpt.config, index)
-        linear_weights = {f"{linear}.weight" for linear in ckpt.arch.linears}
+        layer = new_layer(ckpt.config, index)
+        linear_weights = {f"{linear}.weight" for linear in ckpt.arch.linears_of(index)}
         state = {k: ckpt.read(prefix + k, device=device, dtype=dtype)
                  for k in layer.state_dict() if k not in linear_weights}
         layer.load_state_dict(state, strict=False, assign=True)
-        for linear in ckpt.arch.linears:
+        for linear in ckpt.arch.linears_of(index):
             _stream_weight(layer.get_submodule(linear), linear, source)
         layer.requires_grad_(False)
         layer.eval()

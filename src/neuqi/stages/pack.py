@@ -25,7 +25,7 @@ def quantized_weights(ckpt: Checkpoint) -> dict[str, tuple[int, str]]:
     return {
         f"{arch.layer_prefix(i)}{linear}.weight": (i, linear)
         for i in range(ckpt.layer_count)
-        for linear in arch.linears
+        for linear in arch.linears_of(i)
     }
 
 
@@ -58,7 +58,7 @@ def run_pack(
                 layer, linear = targets[name]
                 codes, scale, zero = quant_params(store, layer, linear)
                 writer.add_quantized(name, codes, scale, zero, bits, group_size)
-                h_diag = h_name(layer, ckpt.arch.group_of(linear))
+                h_diag = h_name(layer, ckpt.arch.group_in(layer, linear))
                 if store.has_array(h_diag):
                     writer.add_hessian_diag(name, store.read_array(h_diag))
             elif name in norms:
