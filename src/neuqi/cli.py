@@ -135,6 +135,10 @@ def quantize(
              "any device; the definition) or auto (numba for a CPU device when installed). The "
              "same scales and zero-points up to ties; the job records the one used.")] = (
         SolverBackend.auto),
+    moe_calibration: Annotated[str, typer.Option(
+        help="Mixture-of-experts models: each expert's Hessian from the tokens the router sends "
+             "to it (routed) or from all tokens (all). An expert with fewer than 64 routed "
+             "tokens uses the layer's all-token statistics.")] = "routed",
     format: Annotated[ExportFormat | None, typer.Option(
         help="Also export the result (see `neuqi export`); compressed-tensors solves with "
              "neuqi-int (integer zero-points).")] = None,
@@ -167,7 +171,7 @@ def quantize(
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
         distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
-        solver_backend=solver_backend.value,
+        solver_backend=solver_backend.value, moe_calibration=moe_calibration,
         max_memory=_size(max_memory),
     )
     result = run(config, job, device.value, _log(log_json), scheduler, keep_job)

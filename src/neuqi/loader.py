@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuqi.architectures import MOE_FAMILIES, arch_for
 from neuqi.errors import UserError
 from neuqi.output import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE
 from neuqi.packing import packed_size, unpack_codes
@@ -317,6 +318,10 @@ def load_quantized(
     config = _load_config(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if config.model_type in MOE_FAMILIES:  # one linear per expert projection, as stored
+        from neuqi.moe import unfuse_experts
+
+        unfuse_experts(model, arch_for(config))
 
     # 1. quantized linears
     for name, info in sorted(out.quantized.items()):

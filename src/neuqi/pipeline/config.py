@@ -10,6 +10,7 @@ import torch
 
 from neuqi.errors import UserError
 from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
+from neuqi.moe import MOE_CALIBRATION
 from neuqi.solver import BACKENDS, METHODS, resolve_backend
 
 # What the README documents and the quality table measures; the solver itself takes 2..8 (the GGUF
@@ -48,6 +49,8 @@ class QuantizeConfig:
     distill_norms: bool = False  # also train the RMSNorm weights
     # implementation of the NeUQI search (neuqi.solver.BACKENDS); `resolved` makes it concrete
     solver_backend: str = "auto"
+    # mixture of experts: each expert's Hessian from its routed tokens or from all (neuqi.moe)
+    moe_calibration: str = "routed"
     # Not in the manifest (they never change the method, only how much is held at once):
     max_memory: int | None = None  # bytes of device memory (host on cpu); None: the default
     memory_knobs: str | None = None  # plan.Knobs.encode() of the runner's plan; None: hold all
@@ -86,6 +89,9 @@ class QuantizeConfig:
             raise UserError(f"--distill-steps {self.distill_steps}: use 0 (off) or more")
         if self.max_memory is not None and self.max_memory <= 0:
             raise UserError(f"--max-memory {self.max_memory}: give a positive size")
+        if self.moe_calibration not in MOE_CALIBRATION:
+            raise UserError(f"--moe-calibration {self.moe_calibration}: choose one of "
+                            f"{', '.join(MOE_CALIBRATION)}")
         if not self.distill_lr > 0:
             raise UserError(f"--distill-lr {self.distill_lr}: give a positive learning rate")
 
@@ -113,6 +119,8 @@ class QuantizeConfig:
                 options.pop(key)
         if self.calib_field == "text":  # nor did --calib-field
             options.pop("calib_field")
+        if self.moe_calibration == "routed":  # and those made before MoE support
+            options.pop("moe_calibration")
         if self.solver_backend == "reference":  # as do those made before solver backends
             options.pop("solver_backend")
         return {

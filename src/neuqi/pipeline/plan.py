@@ -137,8 +137,10 @@ def _local_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             raise UserError(f"{index}: not a valid safetensors index") from None
     else:
         files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-    if not files:
-        raise UserError(f"{folder}: no *.safetensors weights")
+    if not files:  # config.json alone: the shapes transformers' model of it has
+        from neuqi.pipeline.shapes import tensors_from_config
+
+        return config, tensors_from_config(config, str(folder))
     tensors: dict[str, Any] = {}
     for name in files:
         if not (folder / name).is_file():
@@ -178,10 +180,12 @@ def read_shape(model: str) -> ModelShape:
     layers = int(config.get("num_hidden_layers", 0))
     if layers < 1:
         raise UserError(f"{model}: config.json has no num_hidden_layers")
-    prefix = arch.layer_prefix(0)
+    # the largest layer (an MoE model's sparse layers are larger than its dense ones)
+    index = max(range(layers), key=lambda i: (len(arch.linears_of(i)), -i))
+    prefix = arch.layer_prefix(index)
     linears = []
     weight_bytes = 2
-    for linear in arch.linears:
+    for linear in arch.linears_of(index):
         info = tensors.get(f"{prefix}{linear}.weight")
         if info is None:
             raise UserError(f"{model}: tensor {prefix}{linear}.weight is not in the checkpoint")
@@ -189,8 +193,8 @@ def read_shape(model: str) -> ModelShape:
         linears.append((linear, int(out_f), int(in_f)))
         weight_bytes = ST_BYTES.get(info["dtype"], 4)
     widths = {lin: i for lin, _, i in linears}
-    groups = tuple((g, widths[names[0]]) for g, names in arch.linear_groups)
-    quantized = {f"{prefix}{lin}.weight" for lin in arch.linears}
+    groups = tuple((g, widths[names[0]]) for g, names in arch.groups(index))
+    quantized = {f"{prefix}{lin}.weight" for lin in arch.linears_of(index)}
 
     def nbytes(info: dict[str, Any]) -> int:
         return math.prod(info["shape"]) * ST_BYTES.get(info["dtype"], 4)

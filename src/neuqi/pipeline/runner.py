@@ -22,6 +22,7 @@ from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_tex
 from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.devices import resolve_device
 from neuqi.errors import UserError, disk_full_is_user_error
+from neuqi.moe import MOE_MIN_TOKENS
 from neuqi.output import check_output_target, is_neuqi_output
 from neuqi.pipeline import plan, tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir
@@ -65,6 +66,11 @@ def quantize(
         local_device = resolve_device(device)  # refuse a bad device before any work
     config = config.resolved(local_device)  # the solver backend the job records
     ckpt = Checkpoint.open(resolve_model(config.model))
+    if ckpt.arch.moe is not None and (config.gptq or config.distill_steps):
+        raise UserError(
+            f"{ckpt.path}: {'--gptq' if config.gptq else '--distill-steps'} is not supported "
+            f"for mixture-of-experts models (model_type {ckpt.config.model_type}); quantize "
+            f"without it")
     for i in range(ckpt.layer_count):  # refuse a bad group size before any work
         for linear in ckpt.arch.linears_of(i):
             name = f"{ckpt.arch.layer_prefix(i)}{linear}.weight"
@@ -225,11 +231,14 @@ class Job:
                     sums = [s for f in self._submit_batches(tasks.hessian_task, i, "hessian",
                                                             whole=cfg.gptq)
                             for s in f.result()]
-                    arrays = write_hessian(store, i, ckpt.arch, sums)
+                    moe: dict[str, Any] = {}
+                    arrays = write_hessian(store, i, ckpt.arch, sums, moe)
                     if cfg.gptq:
                         arrays += [hessian_name(i, g) for g, _ in ckpt.arch.groups(i)]
-                    self.mark(f"hessian/{i}", arrays)
+                    self.mark(f"hessian/{i}", arrays, moe or None)
                     steps.advance(f"layer {i + 1}/{n} hessian")
+                    if moe:
+                        steps.say(moe_line(i, n, moe, cfg.moe_calibration), progress=True)
                 pending.append(self._submit_solves(i, started))
                 if (cfg.sequential and not last) or cfg.distill_steps:
                     # the forward pass needs the quantized weights, distillation the codes
@@ -259,6 +268,8 @@ class Job:
                     },
                     "sequential": cfg.sequential,
                 }
+                if ckpt.arch.moe is not None:
+                    info["moe"] = moe_summary(store, ckpt.arch, n, cfg.moe_calibration)
                 if cfg.distill_steps:
                     info["distill"] = {"mode": "block-wise", "steps": cfg.distill_steps,
                                        "lr": cfg.distill_lr, "norms": cfg.distill_norms}
@@ -349,13 +360,43 @@ class Job:
             self.store.delete(hessians_name(i))  # GPTQ's: only this layer's solves need them
             if not layer.fresh:
                 continue  # reported by the run that solved it
-            summary = ", ".join(f"{k.split('.')[-1]} {v:.3g}" for k, v in losses.items())
+            summary = ", ".join(f"{_short(k)} {v:.3g}" for k, v in losses.items())
             what = "output error" if self.config.gptq else "weighted loss"
             summary += raised_damping_note(self.store, i, self.ckpt.arch.linears_of(i))
             steps.say(
                 f"layer {i + 1}/{n}: {what} {summary} "
                 f"({time.perf_counter() - layer.started:.1f} s)", progress=True,
             )
+
+
+def _short(linear: str) -> str:
+    """``q_proj``; an expert's ``e3.w1``; a shared expert's ``shared.down_proj``."""
+    parts = linear.split(".")
+    if "experts" in parts and parts[parts.index("experts") + 1].isdigit():
+        return f"e{parts[parts.index('experts') + 1]}.{parts[-1]}"
+    return f"shared.{parts[-1]}" if "shared_expert" in linear else parts[-1]
+
+
+def moe_line(i: int, n: int, info: dict[str, Any], calibration: str) -> str:
+    """The progress line of an MoE layer's Hessian: tokens per expert, experts that fell back."""
+    tokens = info["expert_tokens"]
+    return (f"layer {i + 1}/{n}: {len(tokens)} experts, calibration tokens ({calibration}) "
+            f"min {min(tokens)} max {max(tokens)}; {len(info['experts_fallback'])} fell back to "
+            f"the layer's all-token statistics (< {MOE_MIN_TOKENS} tokens)")
+
+
+def moe_summary(store: JobStore, arch: Any, n: int, calibration: str) -> dict[str, Any]:
+    """quant_info's ``moe``: the calibration, the fallback rule and, per MoE layer, each expert's
+    calibration tokens and the experts that fell back (from the hessian records)."""
+    layers = {}
+    for i in range(n):
+        record = store.record(f"hessian/{i}") if arch.is_moe_layer(i) else None
+        if record and record.get("info"):
+            layers[str(i)] = {k: record["info"][k] for k in ("expert_tokens", "experts_fallback")}
+    return {"calibration": calibration, "min_tokens": MOE_MIN_TOKENS,
+            "fallback": "router input over all tokens (gate/up), down-projection input pooled "
+                        "over the layer's experts (down)",
+            "router": "full precision", "layers": layers}
 
 
 def status(job: str | Path) -> dict[str, Any]:

@@ -83,7 +83,8 @@ def hessian_task(
     rotary = build_rotary(ckpt.config, dev)
     full: dict[str, torch.Tensor] | None = {} if config.gptq else None
     sums = batch_sums(store, layer_index, layer, ckpt.arch, rotary, config.batch_size, dev,
-                      starts, full, windows=knobs.windows)
+                      starts, full, windows=knobs.windows,
+                      moe_all=config.moe_calibration == "all")
     if full is not None:  # the runner gives a GPTQ job's Hessian all batches in one task
         write_full_hessians(store, layer_index, full, sums)
     return sums

@@ -15,10 +15,13 @@ depend on how the rows were split, so the result is bitwise the same however it 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from neuqi.models import ArchSpec, layer_forward, position_embeddings_for
+from neuqi.moe import MOE_MIN_TOKENS, calibrate_all_tokens
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import acts_name, h_name
 from neuqi.stages.gptq import accumulate_hessian, hessian_name
@@ -26,6 +29,8 @@ from neuqi.stages.gptq import write_hessian as write_full_hessian
 
 DAMPING = 0.01  # fraction of the mean diagonal added to every h_j (design note, section 2)
 SQUARE_BYTES = 64 * 2**20  # the float64 squares of a linear's input, this many bytes at a time
+
+MOE_ALL = "moe_all"  # an MoE layer's router input: its all-token MLP statistics
 
 #: Per batch, per input group: (``sum x_j²`` over the batch's tokens in float64, token count).
 BatchSums = dict[str, tuple[torch.Tensor, int]]
@@ -52,17 +57,23 @@ def batch_sums(
     store: JobStore, layer_index: int, layer: nn.Module, arch: ArchSpec, rotary: nn.Module,
     batch_size: int, device: torch.device, starts: list[int],
     full: dict[str, torch.Tensor] | None = None, windows: int | None = None,
+    moe_all: bool = False,
 ) -> list[BatchSums]:
     """Partial sums of the batches that begin at ``starts`` (from :func:`batch_starts`), each on
     the CPU, in the order given. With ``full`` (GPTQ), ``XᵀX`` of every input group is also added
     into ``full[group]`` (float32, on ``device``, in batch order). ``windows``: run a batch
     through the layer that many calibration windows at a time (default: the whole batch), to
-    hold less (the memory budget); the batch's sums add them up."""
+    hold less (the memory budget); the batch's sums add them up. In a mixture-of-experts layer
+    an expert's groups see the tokens routed to it (all tokens with ``moe_all``), and the router's
+    input is summed too (group ``MOE_ALL``: the fallback of experts with too few tokens)."""
     total = store.array_shape(acts_name(layer_index))[0]
     current: dict[str, tuple[torch.Tensor, int]] = {}
     hooks = []
-    for group, linears in arch.linear_groups:
-        module = layer.get_submodule(linears[0])
+    hooked = [(g, names[0]) for g, names in arch.groups(layer_index)]
+    if arch.is_moe_layer(layer_index):
+        hooked.append((MOE_ALL, "mlp.gate"))
+    for group, first in hooked:
+        module = layer.get_submodule(first)
 
         def hook(_module: nn.Module, args: tuple, group: str = group) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])
@@ -76,6 +87,7 @@ def batch_sums(
         hooks.append(module.register_forward_pre_hook(hook))
     step = windows or batch_size
     out = []
+    calibrate_all_tokens(layer, moe_all)
     try:
         with torch.no_grad():
             for start in starts:
@@ -88,22 +100,61 @@ def batch_sums(
                 out.append(dict(current))
                 current.clear()
     finally:
+        calibrate_all_tokens(layer, False)
         for handle in hooks:
             handle.remove()
     return out
 
 
-def write_hessian(
-    store: JobStore, layer_index: int, arch: ArchSpec, sums: list[BatchSums]
-) -> list[str]:
-    """Add the per-batch sums in batch order, damp, and store one ``h`` per input group."""
-    names = []
-    for group, _ in arch.linear_groups:
-        total = sums[0][group][0]
-        tokens = sums[0][group][1]
-        for part in sums[1:]:
-            total = total + part[group][0]
+def _total(sums: list[BatchSums], group: str) -> tuple[torch.Tensor | None, int]:
+    """``sum x_j²`` and tokens of ``group`` over the batches, in batch order (a batch where an
+    expert received no token has no entry)."""
+    total, tokens = None, 0
+    for part in sums:
+        if group in part:
+            total = part[group][0] if total is None else total + part[group][0]
             tokens += part[group][1]
+    return total, tokens
+
+
+def _expert_fallback(sums: list[BatchSums], groups: list[str], info: dict[str, Any]
+                     ) -> dict[str, tuple[torch.Tensor | None, int]]:
+    """Each input group's (sums, tokens), an expert with fewer than ``MOE_MIN_TOKENS`` tokens
+    given the layer's all-token statistics: its ``e{e}_in`` the router's input over all tokens,
+    its ``e{e}_out`` the down projections' input pooled over every expert of the layer. Fills
+    ``info`` with each expert's tokens and the experts that fell back."""
+    totals = {g: _total(sums, g) for g in groups}
+    experts = sorted({int(g[1:].split("_")[0]) for g in groups if g.startswith("e")})
+    if not experts:
+        return totals
+    pooled_out = [totals[f"e{e}_out"] for e in experts if totals[f"e{e}_out"][0] is not None]
+    out_all = (sum(t for t, _ in pooled_out), sum(n for _, n in pooled_out)) if pooled_out else (
+        None, 0)
+    fallback = []
+    for e in experts:
+        if totals[f"e{e}_in"][1] < MOE_MIN_TOKENS:
+            fallback.append(e)
+            totals[f"e{e}_in"] = _total(sums, MOE_ALL)
+            totals[f"e{e}_out"] = out_all  # type: ignore[assignment]
+    info["expert_tokens"] = [_total(sums, f"e{e}_in")[1] for e in experts]
+    info["experts_fallback"] = fallback
+    return totals
+
+
+def write_hessian(
+    store: JobStore, layer_index: int, arch: ArchSpec, sums: list[BatchSums],
+    info: dict[str, Any] | None = None,
+) -> list[str]:
+    """Add the per-batch sums in batch order, damp, and store one ``h`` per input group. In a
+    mixture-of-experts layer ``info`` (if given) receives each expert's calibration tokens and
+    the experts that fell back to the layer's statistics (:func:`_expert_fallback`)."""
+    names = []
+    groups = [g for g, _ in arch.groups(layer_index)]
+    totals = _expert_fallback(sums, groups, info if info is not None else {})
+    for group in groups:
+        total, tokens = totals[group]
+        if total is None or not tokens:
+            raise RuntimeError(f"layer {layer_index}: no calibration token reached {group}")
         h = total / tokens
         h = h + DAMPING * h.mean()
         name = h_name(layer_index, group)

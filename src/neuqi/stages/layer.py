@@ -75,7 +75,9 @@ def _chunk_tokens(mlp: nn.Module, chunk: int) -> None:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= chunk:
             return whole(x)
-        out = torch.cat([whole(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)])
+        # each chunk as a batch of one sequence: an MoE block wants [batch, seq, hidden]
+        out = torch.cat([whole(flat[None, i:i + chunk])[0]
+                         for i in range(0, flat.shape[0], chunk)])
         return out.view(*x.shape[:-1], out.shape[-1])
 
     mlp.forward = forward
