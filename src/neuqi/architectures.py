@@ -199,7 +199,8 @@ def _moe_arch(config: Any, model_type: str) -> ArchSpec:
     layers = int(_get(config, "num_hidden_layers", 0) or 0)
     if model_type == "deepseek_v3":
         first_dense = int(_get(config, "first_k_dense_replace", 3))
-        layout = MoELayout(int(_get(config, "n_routed_experts", 256)),
+        layout = MoELayout(int(_get(config, "n_routed_experts", None)
+                               or _get(config, "num_local_experts", None) or 256),
                            ("gate_proj", "up_proj", "down_proj"),
                            tuple(range(first_dense, layers)),
                            "mlp.shared_experts" if _get(config, "n_shared_experts", 1) else "")
@@ -212,7 +213,8 @@ def _moe_arch(config: Any, model_type: str) -> ArchSpec:
         layout = MoELayout(int(_get(config, "num_local_experts", 8)), ("w1", "w3", "w2"),
                            tuple(range(layers)))
     else:
-        experts = int(_get(config, "num_experts", 60 if model_type == "qwen2_moe" else 128))
+        experts = int(_get(config, "num_experts", None) or _get(config, "num_local_experts", None)
+                      or (60 if model_type == "qwen2_moe" else 128))
         step = int(_get(config, "decoder_sparse_step", 1) or 1)
         dense = set(_get(config, "mlp_only_layers", None) or ())
         sparse = tuple(i for i in range(layers)
