@@ -141,6 +141,36 @@ def test_layouts_of_the_families(moe_models: dict[str, Path]) -> None:
     assert isinstance(layer.mlp.experts, ExpertLinears) and len(layer.mlp.experts) == 4
 
 
+def test_expert_by_expert_streaming_gives_the_whole_layers_output(
+    moe_models: dict[str, Path],
+) -> None:
+    """What the plan picks when a layer's experts do not fit: each expert projection read from
+    the shards when it runs and dropped after it, the MoE block over chunks of tokens."""
+    from neuqi.stages.layer import load_layer
+
+    ckpt = Checkpoint.open(moe_models["deepseek_v3"])
+    hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(5))
+    pe = position_embeddings_for(build_rotary(ckpt.config, "cpu"), hidden)
+    reads = []
+    read = ckpt.read
+
+    def counting(name: str, *args, **kwargs):
+        reads.append(name)
+        return read(name, *args, **kwargs)
+
+    with torch.no_grad():
+        whole = layer_forward(build_layer(ckpt, 1, "cpu", torch.float32), hidden, pe)
+        ckpt.read = counting  # type: ignore[method-assign]
+        streamed_layer = load_layer(ckpt, 1, torch.device("cpu"), torch.float32,
+                                    linear_at_a_time=True, mlp_chunk=16)
+        assert not any(".experts." in n for n in reads)  # nothing of the experts held yet
+        streamed = layer_forward(streamed_layer, hidden, pe)
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
+    assert sum(".experts." in n for n in reads) >= 3 * 4  # each expert read when it ran
+    assert all(m.weight.is_meta for m in streamed_layer.mlp.experts.modules()
+               if isinstance(m, torch.nn.Linear))  # and dropped after
+
+
 def test_fp8_weights_are_dequantized_block_by_block(moe_models: dict[str, Path]) -> None:
     from safetensors import safe_open
 
