@@ -172,7 +172,7 @@ def test_arch_spec_groups() -> None:
     assert LLAMA_LIKE.layer_prefix(7) == "model.layers.7."
     for family in ("llama", "mistral", "qwen2", "qwen3"):
         assert arch_for({"model_type": family}) is LLAMA_LIKE
-    for bad in ({"model_type": "gpt2"}, {"model_type": "mixtral"}, {"model_type": "qwen2_moe"}):
+    for bad in ({"model_type": "gpt2"}, {"model_type": "dbrx"}):
         with pytest.raises(UserError, match="llama, mistral, qwen2, qwen3"):
             arch_for(bad)
     with pytest.raises(UserError, match="mixture-of-experts"):

@@ -174,8 +174,8 @@ def arch_for(config: Any) -> ArchSpec:
         if model_type in arch.families:
             if any(_get(config, k) for k in _MOE_KEYS):
                 raise UserError(
-                    f"config.json: {shown} is a mixture-of-experts model, which neuqi does not "
-                    f"support; supported dense families: {supported}"
+                    f"config.json: {shown} is a mixture-of-experts model under a dense "
+                    f"model_type, which neuqi does not support; supported model_type: {supported}"
                 )
             heterogeneous = (
                 bool(config.get("per_layer_config"))
