@@ -2,7 +2,8 @@
 
 Tiny random models built from each family's transformers config class (3 layers, hidden 64,
 float32 safetensors): the streamed layer-by-layer forward equals transformers' full forward;
-`neuqi quantize` killed part-way and resumed gives the uninterrupted run's output byte for byte;
+`neuqi quantize` killed part-way resumes to a complete output (Gemma 3's: byte for byte the
+uninterrupted run's);
 the streamed eval of the output equals transformers running it; the compressed-tensors export
 loads through ``AutoModelForCausalLM.from_pretrained`` with the output's logits; GGUF is refused
 in one line for these families.
@@ -50,13 +51,18 @@ FAMILIES: dict[str, dict] = {
                     "num_hidden_layers": 2},
     "phi3": {"partial_rotary_factor": 0.5, "num_hidden_layers": 2},  # fused qkv_proj / gate_up_proj, untied head
 }
+# The family whose resumed output is compared with an uninterrupted run (one full run more; the
+# comparison is family-independent pipeline behaviour, which test_reliability.py covers in depth).
+BITWISE = "gemma3_text"
 OPTIONS = ["--bits", "4", "--group-size", "16", "--method", "neuqi-int", *TINY]
 WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
 
 
 @pytest.fixture(scope="module")
 def forked(tmp_path_factory: pytest.TempPathFactory):
-    zygote = Zygote(tmp_path_factory.mktemp("zygote-families"))
+    # each family's modelling imported once, not in every forked run (seconds each)
+    warm = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("gemma", "gemma2", "gemma3", "phi3"))
+    zygote = Zygote(tmp_path_factory.mktemp("zygote-families"), (*warm, "neuqi.solver_numba"))
     yield zygote
     zygote.close()
 
@@ -106,9 +112,7 @@ def test_quantize_resume_eval_and_compressed_tensors(
     from neuqi.export import export
 
     model_type, model = family
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    r = forked("quantize", str(model), "--out", str(ref), *OPTIONS)
-    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
     # killed after its 4th completion record (embed, hessian/0, then inside layer 0's solves)
     r = forked("quantize", str(model), "--out", str(out), *OPTIONS,
                env={faults.KILL_AFTER_RECORDS: "4"})
@@ -116,7 +120,10 @@ def test_quantize_resume_eval_and_compressed_tensors(
     assert not out.exists()
     r = forked("resume", str(tmp_path / "out.job"), "--device", "cpu")
     assert r.returncode == 0 and "resuming job" in r.stderr, r.stderr
-    assert_same_output(out, ref)
+    if model_type == BITWISE:  # byte for byte the uninterrupted run's output
+        r = forked("quantize", str(model), "--out", str(tmp_path / "ref"), *OPTIONS)
+        assert r.returncode == 0, r.stderr
+        assert_same_output(out, tmp_path / "ref")
 
     stored = output_tensors(out)
     tied = FAMILIES[model_type].get("tie_word_embeddings", False)
