@@ -204,3 +204,34 @@ def test_multimodal_gemma3_is_refused_in_one_line(
     (model / "config.json").write_text(json.dumps(config))
     line = one_line_error(forked("quantize", str(model), "--out", str(tmp_path / "o"), *OPTIONS))
     assert "'gemma3'" in line and "gemma3_text" in line and "phi3" in line
+
+
+def test_each_family_maps_to_its_spec_and_others_are_refused_naming_them():
+    from neuqi.architectures import GEMMA, GEMMA2, GEMMA3, PHI3, SUPPORTED_FAMILIES, arch_for
+    from neuqi.errors import UserError
+
+    specs = {"gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3}
+    for model_type, spec in specs.items():
+        assert arch_for({"model_type": model_type}) is spec and model_type in SUPPORTED_FAMILIES
+    assert PHI3.linears == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                            "mlp.down_proj")
+    assert GEMMA3.module_of("gemma3_text") == "gemma3" and GEMMA2.module_of("gemma2") == "gemma2"
+    # soft-capped attention needs the eager implementation; without a cap SDPA is kept
+    assert GEMMA2.attn_implementation({"attn_logit_softcapping": 50.0}) == "eager"
+    assert GEMMA3.attn_implementation({"attn_logit_softcapping": None}) == "sdpa"
+    with pytest.raises(UserError, match="'falcon' is not supported.*gemma2, gemma3_text, phi3"):
+        arch_for({"model_type": "falcon"})
+
+
+def test_the_embedding_scale_is_rounded_to_the_model_dtype():
+    """As transformers computes it: sqrt(3072) = 55.4256 is 55.5 in bfloat16, the factor a
+    bfloat16 Gemma was trained with; a float32 model keeps 55.4256."""
+    from transformers import Gemma2Config
+
+    from neuqi.architectures import GEMMA2, LLAMA_LIKE
+    from neuqi.families import embedding_scale
+
+    assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="bfloat16"), GEMMA2) == 55.5
+    assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="float32"), GEMMA2) == (
+        pytest.approx(3072**0.5, rel=1e-7))
+    assert embedding_scale(Gemma2Config(hidden_size=3072), LLAMA_LIKE) is None
