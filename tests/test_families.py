@@ -221,6 +221,8 @@ def test_each_family_maps_to_its_spec_and_others_are_refused_naming_them():
     assert GEMMA3.attn_implementation({"attn_logit_softcapping": None}) == "sdpa"
     with pytest.raises(UserError, match="'falcon' is not supported.*gemma2, gemma3_text, phi3"):
         arch_for({"model_type": "falcon"})
+    with pytest.raises(UserError, match="bidirectional attention"):
+        arch_for({"model_type": "gemma3_text", "use_bidirectional_attention": True})
 
 
 def test_the_embedding_scale_is_rounded_to_the_model_dtype():

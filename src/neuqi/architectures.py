@@ -43,7 +43,6 @@ class ArchSpec:
     # model_type -> transformers.models.<module>, where they differ (gemma3_text -> gemma3).
     modules: tuple[tuple[str, str], ...] = ()
     scaled_embedding: bool = False  # embeddings times sqrt(hidden), in the model dtype (Gemma)
-    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): 1 for Gemma
     rope_per_layer_type: bool = False  # one rotary table per config.layer_types kind (Gemma 3)
     final_softcap_key: str | None = None  # config key: logits = c * tanh(logits / c) (Gemma 2)
     attn_softcap_key: str | None = None  # config key: attention soft-capping; needs eager
@@ -103,18 +102,18 @@ LLAMA_LIKE = ArchSpec(
 
 _ATTN_MLP = LLAMA_LIKE.linear_groups
 GEMMA = ArchSpec(name="gemma", families=("gemma",), class_prefixes=(("gemma", "Gemma"),),
-                 linear_groups=_ATTN_MLP, scaled_embedding=True, norm_offset=1.0)
+                 linear_groups=_ATTN_MLP, scaled_embedding=True)
 # Gemma 2: sandwich norms, local/global layers, attention and final-logit soft-capping.
 GEMMA2 = ArchSpec(
     name="gemma2", families=("gemma2",), class_prefixes=(("gemma2", "Gemma2"),),
-    linear_groups=_ATTN_MLP, scaled_embedding=True, norm_offset=1.0,
+    linear_groups=_ATTN_MLP, scaled_embedding=True,
     final_softcap_key="final_logit_softcapping", attn_softcap_key="attn_logit_softcapping",
 )
 # Gemma 3 (text): as Gemma 2 plus q/k norms and a rotary base per layer kind (local / global).
 GEMMA3 = ArchSpec(
     name="gemma3", families=("gemma3_text",), class_prefixes=(("gemma3_text", "Gemma3"),),
     modules=(("gemma3_text", "gemma3"),), linear_groups=_ATTN_MLP, scaled_embedding=True,
-    norm_offset=1.0, rope_per_layer_type=True,
+    rope_per_layer_type=True,
     final_softcap_key="final_logit_softcapping", attn_softcap_key="attn_logit_softcapping",
 )
 # Phi-3: q/k/v and gate/up are fused tensors in the checkpoint and quantized as stored. Groups
@@ -170,6 +169,9 @@ def arch_for(config: Any) -> ArchSpec:
                     f"config.json: {shown} has per_layer_config (layers of different shapes), "
                     f"which neuqi does not support"
                 )
+            if _get(config, "use_bidirectional_attention"):  # EmbeddingGemma: not a causal LM
+                raise UserError(f"config.json: {shown} uses bidirectional attention (an embedding "
+                                f"model); neuqi quantizes causal language models")
             return arch
     hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
     raise UserError(
