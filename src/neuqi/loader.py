@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuqi.architectures import arch_for
 from neuqi.errors import UserError
 from neuqi.output import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE
 from neuqi.packing import packed_size, unpack_codes
@@ -316,7 +317,9 @@ def load_quantized(
     device = torch.device(device)
     config = _load_config(path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=arch_for(config).attn_implementation(config)
+        )
 
     # 1. quantized linears
     for name, info in sorted(out.quantized.items()):
@@ -372,6 +375,9 @@ def load_quantized(
             with torch.device("cpu"):
                 rotary = type(module)(config=model.config)
             _set_submodule(model, module_name, rotary.to(device))
+        # Gemma's scaled embedding keeps its factor in a non-persistent buffer
+        if hasattr(module, "scalar_embed_scale") and module.embed_scale.is_meta:
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
