@@ -47,7 +47,8 @@ from neuqi.synthetic import Shape, build_checkpoint  # imports no torch until it
 MIB = 1024 * 1024
 COMPUTE_BYTES = 4  # float32, the CLI's default --dtype
 # The line the CLI prints when a layer is done: "layer 3/16: weighted loss ... (5.4 s)".
-LAYER_LINE = re.compile(r"^layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)\s*$", re.MULTILINE)
+LAYER_LINE = re.compile(  # the CLI's per-layer line, with or without its timestamp and progress
+    r"^(?:\S+ \S+ )?layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)(?: \[[^\n]*\])?\s*$", re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------- measuring (parent)

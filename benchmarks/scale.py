@@ -46,7 +46,8 @@ from memory import _neuqi_executable, measure  # stdlib-only: the parent holds n
 from neuqi.synthetic import FULL_MODELS, SHAPES  # imports no torch
 
 GiB = 2**30
-LAYER_LINE = re.compile(r"^layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)\s*$", re.MULTILINE)
+LAYER_LINE = re.compile(  # the CLI's per-layer line, with or without its timestamp and progress
+    r"^(?:\S+ \S+ )?layer (\d+)/(\d+): [^\n]*?\((\d+(?:\.\d+)?) s\)(?: \[[^\n]*\])?\s*$", re.MULTILINE)
 WORKDIR = Path("/work/scratch/scale")
 ACCEPT = ["--method", "neuqi", "--nsamples", "128", "--seqlen", "2048"]
 
@@ -96,14 +97,17 @@ class DiskPeak(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            total = 0
+            # by inode: an array renamed into the store's trash while the walk runs would
+            # otherwise be counted twice (at its old place and in the trash)
+            sizes: dict[tuple[int, int], int] = {}
             for root, _, files in os.walk(self.folder):
                 for f in files:
                     try:
-                        total += os.lstat(os.path.join(root, f)).st_size
+                        st = os.lstat(os.path.join(root, f))
                     except OSError:
-                        pass
-            self.peak = max(self.peak, total)
+                        continue
+                    sizes[(st.st_dev, st.st_ino)] = st.st_size
+            self.peak = max(self.peak, sum(sizes.values()))
             self.stop.wait(0.05)
 
 

@@ -3,11 +3,14 @@ two outputs bit for bit. (Fixtures that build models live in conftest.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -80,3 +83,21 @@ def assert_same_output(out: Path, reference: Path) -> None:
     assert sorted(got) == sorted(want)
     for name in want:
         assert got[name] == want[name], f"{name} differs from the uninterrupted run"
+
+
+@contextlib.contextmanager
+def local_cluster(**kwargs: Any) -> Iterator[Any]:
+    """A ``distributed.LocalCluster(dashboard_address=None, **kwargs)`` for a ``with`` block.
+
+    Its close tolerates distributed's fixed 5 s nanny timeout, which a loaded machine (the test
+    suite runs in two processes) can miss after the nanny has already killed its worker: the
+    test's assertions have run by then.
+    """
+    import distributed
+
+    cluster = distributed.LocalCluster(dashboard_address=None, **kwargs)
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(TimeoutError):
+            cluster.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import distributed
 import pytest
 import torch
-from helpers import neuqi, one_line_error, output_files
+from helpers import local_cluster, neuqi, one_line_error, output_files
 from rich.console import Console
 
 from neuqi.checkpoint import Checkpoint
@@ -72,10 +72,8 @@ def test_killed_worker_mid_run_still_gives_the_identical_result(
     marker = tmp_path / "killed"
     env = {KILL_AFTER_ENV: "4", KILL_ONCE_ENV: str(marker)}
     with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-            memory_limit=None, env=env,
-        ) as cluster,
+        local_cluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=None,
+                      env=env) as cluster,
         distributed.Client(cluster) as client,
     ):
         pids = set(client.run(os.getpid).values())
@@ -125,9 +123,7 @@ def test_bad_scheduler_is_a_user_error(scheduler: str):
 
 def test_cuda_on_a_cluster_without_gpu_workers_is_refused():
     with (
-        distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None,
-        ) as cluster,
+        local_cluster(n_workers=1, threads_per_worker=1, processes=False) as cluster,
         pytest.raises(UserError, match="--resources GPU=1"),
     ):
         open_executor(cluster.scheduler_address, "cuda")

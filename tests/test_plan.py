@@ -44,14 +44,17 @@ disk, argv = sys.argv[1], sys.argv[2:]
 peak = [0]
 done = threading.Event()
 def size():
-    total = 0
+    # by inode: an array renamed into the store's trash while the walk runs would otherwise be
+    # counted twice (at its old place and in the trash); a slow walk on a busy machine sees it
+    sizes = {}
     for root, _, files in os.walk(disk):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_size
+                st = os.lstat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 def poll():
     while not done.is_set():
         peak[0] = max(peak[0], size())

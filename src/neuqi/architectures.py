@@ -15,8 +15,8 @@ from typing import Any
 from neuqi.errors import UserError
 
 __all__ = [
-    "ARCHITECTURES", "LLAMA_LIKE", "MOE_FAMILIES", "SUPPORTED_FAMILIES", "ArchSpec", "MoELayout",
-    "arch_for",
+    "ARCHITECTURES", "GEMMA", "GEMMA2", "GEMMA3", "LLAMA_LIKE", "MOE_FAMILIES", "PHI3",
+    "SUPPORTED_FAMILIES", "ArchSpec", "MoELayout", "arch_for",
 ]
 
 
@@ -56,6 +56,13 @@ class ArchSpec:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    # What the dense families beyond LLaMA change (:mod:`neuqi.families` acts on these):
+    # model_type -> transformers.models.<module>, where they differ (gemma3_text -> gemma3).
+    modules: tuple[tuple[str, str], ...] = ()
+    scaled_embedding: bool = False  # embeddings times sqrt(hidden), in the model dtype (Gemma)
+    rope_per_layer_type: bool = False  # one rotary table per config.layer_types kind (Gemma 3)
+    final_softcap_key: str | None = None  # config key: logits = c * tanh(logits / c) (Gemma 2)
+    attn_softcap_key: str | None = None  # config key: attention soft-capping; needs eager
     moe: MoELayout | None = None  # mixture-of-experts families: set per config by arch_for
 
     def is_moe_layer(self, index: int) -> bool:
@@ -110,6 +117,21 @@ class ArchSpec:
         """The transformers class-name prefix of ``family`` (``"llama"`` -> ``"Llama"``)."""
         return dict(self.class_prefixes)[family]
 
+    def module_of(self, family: str) -> str:
+        """The transformers.models sub-package of ``family`` (``"gemma3_text"`` -> ``"gemma3"``)."""
+        return dict(self.modules).get(family, family)
+
+    def attn_implementation(self, config: Any) -> str:
+        """``eager`` where the config soft-caps attention logits (SDPA cannot), else ``sdpa``."""
+        key = self.attn_softcap_key
+        return "eager" if key is not None and _get(config, key) is not None else "sdpa"
+
+    def final_softcap(self, config: Any) -> float | None:
+        """The final-logit soft-capping constant, or None."""
+        key = self.final_softcap_key
+        value = None if key is None else _get(config, key)
+        return None if value is None else float(value)
+
 
 LLAMA_LIKE = ArchSpec(
     name="llama-like",
@@ -149,7 +171,41 @@ _DEEPSEEK = ArchSpec(
 )
 MOE_FAMILIES: tuple[str, ...] = (*_MOE_LIKE.families, *_DEEPSEEK.families)
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE, _MOE_LIKE, _DEEPSEEK)
+_ATTN_MLP = LLAMA_LIKE.linear_groups
+GEMMA = ArchSpec(name="gemma", families=("gemma",), class_prefixes=(("gemma", "Gemma"),),
+                 linear_groups=_ATTN_MLP, scaled_embedding=True)
+# Gemma 2: sandwich norms, local/global layers, attention and final-logit soft-capping.
+GEMMA2 = ArchSpec(
+    name="gemma2", families=("gemma2",), class_prefixes=(("gemma2", "Gemma2"),),
+    linear_groups=_ATTN_MLP, scaled_embedding=True,
+    final_softcap_key="final_logit_softcapping", attn_softcap_key="attn_logit_softcapping",
+)
+# Gemma 3 (text): as Gemma 2 plus q/k norms and a rotary base per layer kind (local / global).
+GEMMA3 = ArchSpec(
+    name="gemma3", families=("gemma3_text",), class_prefixes=(("gemma3_text", "Gemma3"),),
+    modules=(("gemma3_text", "gemma3"),), linear_groups=_ATTN_MLP, scaled_embedding=True,
+    rope_per_layer_type=True,
+    final_softcap_key="final_logit_softcapping", attn_softcap_key="attn_logit_softcapping",
+)
+# Phi-3: q/k/v and gate/up are fused tensors in the checkpoint and quantized as stored. Groups
+# run along the input dimension, so no group ever spans the q|k|v or gate|up boundary (rows).
+PHI3 = ArchSpec(
+    name="phi3", families=("phi3",), class_prefixes=(("phi3", "Phi3"),),
+    linear_groups=(
+        ("attn_in", ("self_attn.qkv_proj",)),
+        ("attn_out", ("self_attn.o_proj",)),
+        ("mlp_in", ("mlp.gate_up_proj",)),
+        ("mlp_out", ("mlp.down_proj",)),
+    ),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (LLAMA_LIKE, GEMMA, GEMMA2, GEMMA3, PHI3, _MOE_LIKE,
+                                      _DEEPSEEK)
+# Known model types neuqi refuses with a pointer to what it does quantize.
+_HINTS = {
+    "gemma3": "the multimodal Gemma 3 (language_model + vision tower); neuqi quantizes the "
+              "text-only gemma3_text checkpoints",
+}
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(f for a in ARCHITECTURES for f in a.families)
 
 # Config keys that mark a mixture-of-experts model even under a supported model_type.
@@ -187,9 +243,14 @@ def arch_for(config: Any) -> ArchSpec:
                     f"config.json: {shown} has per_layer_config (layers of different shapes), "
                     f"which neuqi does not support"
                 )
+            if _get(config, "use_bidirectional_attention"):  # EmbeddingGemma: not a causal LM
+                raise UserError(f"config.json: {shown} uses bidirectional attention (an embedding "
+                                f"model); neuqi quantizes causal language models")
             return arch
+    hint = f" ({_HINTS[model_type]})" if model_type in _HINTS else ""
     raise UserError(
-        f"config.json: architecture {shown} is not supported; supported model_type: {supported}"
+        f"config.json: architecture {shown} is not supported{hint}; supported model_type: "
+        f"{supported}"
     )
 
 

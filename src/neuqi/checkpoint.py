@@ -186,7 +186,7 @@ class Checkpoint:
         check_path_fields(path)  # before transformers opens any file the folder names
         config = _load_config(path)
         arch = arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = arch.attn_implementation(config)  # eager to soft-cap
 
         weight_map = _weight_map(path)
         headers: dict[str, dict[str, Any]] = {}

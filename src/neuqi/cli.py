@@ -157,6 +157,8 @@ def quantize(
     if format is ExportFormat.compressed_tensors and method is Method.neuqi:
         err.print("--format compressed-tensors stores integer zero-points: solving with neuqi-int")
         method = Method.neuqi_int
+    if format is not None and format.value.startswith("gguf"):
+        _check_gguf_family(model)  # before the job, not after hours of solving
     from neuqi.calib import stored_source
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
@@ -182,6 +184,21 @@ def quantize(
                 "cpu" if device is Device.auto else device.value)
         return
     typer.echo(str(result))
+
+
+def _check_gguf_family(model: str) -> None:
+    """One-line refusal of --format gguf* for a local model whose family has no GGUF layout."""
+    import json
+
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        from neuqi.export.gguf import check_family
+
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            return  # the quantize run reports a bad config.json itself
+        check_family(str(model_type), config)
 
 
 def _size(text: str | None) -> int | None:

@@ -26,6 +26,7 @@ from torch import nn
 from neuqi.calib import read_text_file
 from neuqi.checkpoint import load_tokenizer
 from neuqi.errors import UserError
+from neuqi.families import embedding_from_weight
 from neuqi.models import (
     LMHead,
     _family_class,
@@ -124,7 +125,7 @@ class OutputModel:
         self.path = self.out.path
         self.config = _load_config(self.path)
         self.arch = arch_for(self.config)
-        self.config._attn_implementation = "sdpa"
+        self.config._attn_implementation = self.arch.attn_implementation(self.config)
         self.layer_count = int(self.config.num_hidden_layers)
 
     def _read(self, name: str, device: torch.device) -> torch.Tensor:
@@ -144,7 +145,7 @@ class OutputModel:
 
     def embedding(self, device: torch.device) -> nn.Embedding:
         weight = self._read(self.arch.embed, device)
-        return nn.Embedding.from_pretrained(weight, freeze=True).eval()
+        return embedding_from_weight(weight, self.config, self.arch)
 
     def layer(self, index: int, device: torch.device) -> nn.Module:
         """Decoder layer ``index`` as transformers' own class, its linears from the output."""
@@ -220,7 +221,7 @@ class OutputModel:
                 f"{self.path}: tensor {arch.lm_head} is missing from the output; it is "
                 f"incomplete or does not match its config.json"
             )
-        head = LMHead(norm, lm_head)
+        head = LMHead(norm, lm_head, arch.final_softcap(config))
         head.requires_grad_(False)
         return head.eval()
 

@@ -317,7 +317,9 @@ def load_quantized(
     device = torch.device(device)
     config = _load_config(path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=arch_for(config).attn_implementation(config)
+        )
     if config.model_type in MOE_FAMILIES:  # one linear per expert projection, as stored
         from neuqi.moe import unfuse_experts
 
@@ -377,6 +379,9 @@ def load_quantized(
             with torch.device("cpu"):
                 rotary = type(module)(config=model.config)
             _set_submodule(model, module_name, rotary.to(device))
+        # Gemma's scaled embedding keeps its factor in a non-persistent buffer
+        if hasattr(module, "scalar_embed_scale") and module.embed_scale.is_meta:
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

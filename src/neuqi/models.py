@@ -22,6 +22,7 @@ from neuqi.architectures import (
     arch_for,
 )
 from neuqi.errors import UserError
+from neuqi.families import embedding_from_weight, layer_embeddings, rotary_tables, softcap
 
 if TYPE_CHECKING:
     from neuqi.checkpoint import Checkpoint
@@ -45,14 +46,15 @@ __all__ = [
 ]
 
 
-def _modeling_module(family: str) -> Any:
-    return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+def _modeling_module(module: str) -> Any:
+    return importlib.import_module(f"transformers.models.{module}.modeling_{module}")
 
 
 def _family_class(config: Any, suffix: str) -> type[nn.Module]:
     arch = arch_for(config)
     family = config.model_type
-    return getattr(_modeling_module(family), arch.class_prefix(family) + suffix)
+    module = _modeling_module(arch.module_of(family))
+    return getattr(module, arch.class_prefix(family) + suffix)
 
 
 def decoder_layer_class(config: Any) -> type[nn.Module]:
@@ -120,21 +122,23 @@ def build_layer(
 def build_embedding(
     ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype | None
 ) -> nn.Embedding:
-    """The token embedding (``model.embed_tokens``), frozen, in eval mode."""
+    """The token embedding (``model.embed_tokens``, scaled where the family does), frozen."""
     weight = ckpt.read(ckpt.arch.embed, device=device, dtype=dtype)
-    return nn.Embedding.from_pretrained(weight, freeze=True).eval()
+    return embedding_from_weight(weight, ckpt.config, ckpt.arch)
 
 
 class LMHead(nn.Module):
-    """Final RMSNorm then ``lm_head``: hidden states [b, s, h] -> logits [b, s, vocab]."""
+    """Final RMSNorm then ``lm_head``: hidden states [b, s, h] -> logits [b, s, vocab]
+    (soft-capped by ``cap`` where the family does, Gemma 2)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, cap: float | None = None) -> None:
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
+        self.cap = cap
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+        return softcap(self.lm_head(self.norm(hidden)), self.cap)
 
 
 def build_head(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype | None) -> LMHead:
@@ -151,7 +155,7 @@ def build_head(ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype 
     lm_head.load_state_dict(
         {"weight": ckpt.read(weight_name, device=device, dtype=dtype)}, strict=True, assign=True
     )
-    head = LMHead(norm, lm_head)
+    head = LMHead(norm, lm_head, arch.final_softcap(config))
     head.requires_grad_(False)
     return head.eval()
 
@@ -161,17 +165,19 @@ def build_rotary(config: Any, device: torch.device | str) -> nn.Module:
     cls = _family_class(config, "RotaryEmbedding")
     with torch.device("cpu"):
         rotary = cls(config=config)
+    rotary.per_layer_type = arch_for(config).rope_per_layer_type  # Gemma 3: a table per kind
     return rotary.to(device).eval()
 
 
 def position_embeddings_for(
     rotary: nn.Module, hidden: torch.Tensor, seq_len: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) for positions 0..seq_len-1 in ``hidden``'s dtype and device, batch dim 1."""
+) -> Any:
+    """(cos, sin) for positions 0..seq_len-1 in ``hidden``'s dtype and device, batch dim 1; a
+    dict of them by layer kind for Gemma 3 (:func:`layer_forward` picks the layer's)."""
     seq_len = hidden.shape[1] if seq_len is None else seq_len
     position_ids = torch.arange(seq_len, device=hidden.device).unsqueeze(0)
     with torch.no_grad():
-        return rotary(hidden, position_ids)
+        return rotary_tables(rotary, hidden, position_ids)
 
 
 def causal_mask_for(
@@ -198,7 +204,7 @@ def causal_mask_for(
 def layer_forward(
     layer: nn.Module,
     hidden: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    position_embeddings: Any,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run a decoder layer on [b, s, h] with causal attention; returns the new hidden states.
@@ -206,6 +212,7 @@ def layer_forward(
     ``attention_mask``: as in :func:`causal_mask_for` (``None`` = no padding).
     """
     mask = causal_mask_for(layer, hidden, attention_mask)
+    position_embeddings = layer_embeddings(layer, position_embeddings)
     out = layer(
         hidden, attention_mask=mask, position_embeddings=position_embeddings, use_cache=False
     )

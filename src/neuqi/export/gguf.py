@@ -46,6 +46,15 @@ _FALLBACK = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q2_K": "Q4_1"}
 _BLOCK_BITS = {"Q4_1": 4, "Q5_1": 5}
 
 
+def check_family(model_type: str, where: object) -> None:
+    """UserError (one line) for a model family this writer has no GGUF layout for."""
+    if model_type not in ARCHS:
+        raise UserError(
+            f"{where}: model_type {model_type!r} has no GGUF export (GGUF: "
+            f"{', '.join(sorted(ARCHS))}); use --format compressed-tensors"
+        )
+
+
 def default_type(source: ExportSource) -> str:
     """``--format gguf``: the block type that keeps the output's own codes."""
     bits = {int(i["bits"]) for i in source.output.quantized.values()}
@@ -173,11 +182,7 @@ class GGUFExporter:
         config = source.config()
         self.config = config
         model_type = str(config.get("model_type"))
-        if model_type not in ARCHS:
-            raise UserError(
-                f"{source.path / 'config.json'}: model_type {model_type!r} has no GGUF export; "
-                f"supported: {', '.join(sorted(ARCHS))}"
-            )
+        check_family(model_type, source.path / "config.json")
         self.model_type = model_type
         self.arch, self.permute = ARCHS[model_type]
         self.n_head = int(config["num_attention_heads"])

@@ -564,7 +564,8 @@ def _seconds(shape: ModelShape, opt: dict[str, Any], k: Knobs, speed: dict[str, 
     n, s = opt["nsamples"], opt["seqlen"]
     tokens = n * s
     flops = speed["matmul_flops"]
-    heads_dim = max((o for name, o, _ in shape.linears if name.endswith("q_proj")),
+    # the query width (Phi-3's fused qkv_proj is not one: the hidden size is its query width)
+    heads_dim = max((o for name, o, _ in shape.linears if name.endswith(".q_proj")),
                     default=shape.hidden)
     fwd = (2 * shape.layer_params * tokens + 2 * n * s * s * heads_dim) / flops
     hes = fwd + (2 * tokens * sum(d * d for _, d in shape.groups) / flops if opt["gptq"] else 0)

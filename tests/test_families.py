@@ -1,0 +1,239 @@
+"""The dense families beyond LLaMA: Gemma, Gemma 2, Gemma 3 (text) and Phi-3.
+
+Tiny random models built from each family's transformers config class (3 layers, hidden 64,
+float32 safetensors): the streamed layer-by-layer forward equals transformers' full forward;
+`neuqi quantize` killed part-way resumes to a complete output (Gemma 3's: byte for byte the
+uninterrupted run's);
+the streamed eval of the output equals transformers running it; the compressed-tensors export
+loads through ``AutoModelForCausalLM.from_pretrained`` with the output's logits; GGUF is refused
+in one line for these families.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY, assert_same_output, one_line_error, output_tensors
+from test_reliability import Zygote
+
+from neuqi import faults
+from neuqi.checkpoint import Checkpoint, load_tokenizer
+from neuqi.evaluate import eval_windows, perplexity
+from neuqi.loader import load_quantized
+from neuqi.models import (
+    build_embedding,
+    build_head,
+    build_layer,
+    build_rotary,
+    layer_forward,
+    position_embeddings_for,
+)
+from neuqi.solver import quantize_tensor
+
+KINDS = ["sliding_attention", "full_attention"]
+# model_type -> config overrides of the tiny model (conftest's: hidden 64, vocab 512; 2 layers)
+FAMILIES: dict[str, dict] = {
+    "gemma": {"head_dim": 16, "tie_word_embeddings": True, "num_hidden_layers": 2},
+    # sliding window 8 < the inputs' length, so the local layers' mask matters; default
+    # soft-capping (attention 50, logits 30)
+    "gemma2": {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+               "query_pre_attn_scalar": 16, "layer_types": KINDS, "num_hidden_layers": 2},
+    # local layers rotate with base 10000, the global one with 1e6; logits soft-capped as Gemma 2
+    "gemma3_text": {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+                    "layer_types": KINDS, "final_logit_softcapping": 30.0,
+                    "num_hidden_layers": 2},
+    "phi3": {"partial_rotary_factor": 0.5, "num_hidden_layers": 2},  # fused qkv_proj / gate_up_proj, untied head
+}
+# The family whose resumed output is compared with an uninterrupted run (one full run more; the
+# comparison is family-independent pipeline behaviour, which test_reliability.py covers in depth).
+BITWISE = "gemma3_text"
+OPTIONS = ["--bits", "4", "--group-size", "16", "--method", "neuqi-int", *TINY]
+WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory: pytest.TempPathFactory):
+    # each family's modelling imported once, not in every forked run (seconds each)
+    warm = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("gemma", "gemma2", "gemma3", "phi3"))
+    zygote = Zygote(tmp_path_factory.mktemp("zygote-families"), (*warm, "neuqi.solver_numba"))
+    yield zygote
+    zygote.close()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest, tiny_model_factory: Callable[..., Path]
+           ) -> tuple[str, Path]:
+    return request.param, tiny_model_factory(request.param, **FAMILIES[request.param])
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_streamed_forward_equals_the_transformers_forward(family: tuple[str, Path]):
+    from transformers import AutoModelForCausalLM
+
+    model_type, folder = family
+    ckpt = Checkpoint.open(folder)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(_ids()).logits
+        hidden = build_embedding(ckpt, "cpu", torch.float32)(_ids())
+        rotary = build_rotary(ckpt.config, "cpu")
+        pos = position_embeddings_for(rotary, hidden)
+        for i in range(ckpt.layer_count):
+            hidden = layer_forward(build_layer(ckpt, i, "cpu", torch.float32), hidden, pos)
+        got = build_head(ckpt, "cpu", torch.float32)(hidden)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    if model_type == "gemma3_text":  # two rotary tables, and they differ: the pick matters
+        assert set(pos) == set(KINDS) and not torch.allclose(pos[KINDS[0]][0], pos[KINDS[1]][0])
+    if model_type == "gemma2":  # soft-capped: eager attention, logits inside (-30, 30)
+        assert ckpt.config._attn_implementation == "eager" and want.abs().max() < 30
+
+
+def _nll_transformers(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
+
+
+def test_quantize_resume_eval_and_compressed_tensors(
+    family: tuple[str, Path], forked: Zygote, tmp_path: Path
+):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from neuqi.export import export
+
+    model_type, model = family
+    out = tmp_path / "out"
+    # killed after its 4th completion record (embed, hessian/0, then inside layer 0's solves)
+    r = forked("quantize", str(model), "--out", str(out), *OPTIONS,
+               env={faults.KILL_AFTER_RECORDS: "4"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not out.exists()
+    r = forked("resume", str(tmp_path / "out.job"), "--device", "cpu")
+    assert r.returncode == 0 and "resuming job" in r.stderr, r.stderr
+    if model_type == BITWISE:  # byte for byte the uninterrupted run's output
+        r = forked("quantize", str(model), "--out", str(tmp_path / "ref"), *OPTIONS)
+        assert r.returncode == 0, r.stderr
+        assert_same_output(out, tmp_path / "ref")
+
+    stored = output_tensors(out)
+    tied = FAMILIES[model_type].get("tie_word_embeddings", False)
+    # a tied head is the embedding: written once, never a second lm_head copy
+    assert ("lm_head.weight" in stored) is not tied and "model.embed_tokens.weight" in stored
+    if model_type == "phi3":
+        meta = json.loads((out / "neuqi.json").read_text())
+        assert "model.layers.0.self_attn.qkv_proj.weight" in meta["quantized"]
+        assert "model.layers.0.mlp.gate_up_proj.weight" in meta["quantized"]
+
+    # the streamed eval of the output equals transformers running the same quantized weights
+    text = tmp_path / "wiki.txt"
+    text.write_bytes(WIKITEXT.read_bytes()[:8000])
+    result = perplexity(str(out), text, seqlen=32, max_windows=3, batch_size=2, device="cpu")
+    windows = eval_windows(load_tokenizer(out), text.read_text(encoding="utf-8"), 32, 3)
+    native = load_quantized(out)
+    assert result["nll"] == pytest.approx(_nll_transformers(native, windows), rel=1e-4)
+
+    # compressed-tensors: loads through transformers, with the native output's logits
+    ct = tmp_path / "ct"
+    report = export(out, "compressed-tensors", ct, model=model)
+    assert report.added_loss == pytest.approx(0.0, abs=1e-6 * report.native_loss)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        ct, quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert theirs.config.model_type == model_type
+    if tied:
+        assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_ids()).logits, native(_ids()).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+    # GGUF: refused in one line, naming the family and the format that works
+    r = forked("export", str(out), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
+    line = one_line_error(r)
+    assert repr(model_type) in line and "compressed-tensors" in line
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gguf-q4_k"])
+def test_quantize_with_format_gguf_is_refused_before_any_work(
+    fmt: str, tiny_model_factory: Callable[..., Path], forked: Zygote, tmp_path: Path
+):
+    model = tiny_model_factory("gemma2", **FAMILIES["gemma2"])
+    out = tmp_path / "out"
+    line = one_line_error(forked("quantize", str(model), "--out", str(out), *OPTIONS,
+                                 "--format", fmt))
+    assert "'gemma2' has no GGUF export" in line and "compressed-tensors" in line
+    assert not out.exists() and not (tmp_path / "out.job").exists()
+
+
+def test_fused_projections_are_quantized_as_their_parts(tiny_model_factory: Callable[..., Path]):
+    """Phi-3's qkv_proj [q | k | v rows, hidden] is quantized as stored. Groups run along the input
+    dimension (the group size must divide it), each row has its own scales and zero-points, so
+    no group crosses the q|k|v boundary: the fused result is row for row the parts' results."""
+    ckpt = Checkpoint.open(tiny_model_factory("phi3", **FAMILIES["phi3"]))
+    fused = ckpt.read("model.layers.0.self_attn.qkv_proj.weight", dtype=torch.float32)
+    head_dim = ckpt.config.hidden_size // ckpt.config.num_attention_heads
+    q_rows = ckpt.config.num_attention_heads * head_dim
+    kv_rows = ckpt.config.num_key_value_heads * head_dim
+    assert fused.shape == (q_rows + 2 * kv_rows, ckpt.config.hidden_size)
+    h = torch.rand(fused.shape[1], generator=torch.Generator().manual_seed(0)) + 0.1
+    whole = quantize_tensor(fused, h, bits=4, group_size=16, method="neuqi-int")
+    start = 0
+    for rows in (q_rows, kv_rows, kv_rows):
+        part = quantize_tensor(fused[start:start + rows], h, bits=4, group_size=16,
+                               method="neuqi-int")
+        for field in ("codes", "scale", "zero_point"):
+            assert torch.equal(getattr(whole, field)[start:start + rows], getattr(part, field))
+        start += rows
+
+
+def test_multimodal_gemma3_is_refused_in_one_line(
+    tiny_model_factory: Callable[..., Path], forked: Zygote, tmp_path: Path
+):
+    model = tmp_path / "gemma3"
+    shutil.copytree(tiny_model_factory("gemma3_text", **FAMILIES["gemma3_text"]), model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
+    (model / "config.json").write_text(json.dumps(config))
+    line = one_line_error(forked("quantize", str(model), "--out", str(tmp_path / "o"), *OPTIONS))
+    assert "'gemma3'" in line and "gemma3_text" in line and "phi3" in line
+
+
+def test_each_family_maps_to_its_spec_and_others_are_refused_naming_them():
+    from neuqi.architectures import GEMMA, GEMMA2, GEMMA3, PHI3, SUPPORTED_FAMILIES, arch_for
+    from neuqi.errors import UserError
+
+    specs = {"gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3}
+    for model_type, spec in specs.items():
+        assert arch_for({"model_type": model_type}) is spec and model_type in SUPPORTED_FAMILIES
+    assert PHI3.linears == ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                            "mlp.down_proj")
+    assert GEMMA3.module_of("gemma3_text") == "gemma3" and GEMMA2.module_of("gemma2") == "gemma2"
+    # soft-capped attention needs the eager implementation; without a cap SDPA is kept
+    assert GEMMA2.attn_implementation({"attn_logit_softcapping": 50.0}) == "eager"
+    assert GEMMA3.attn_implementation({"attn_logit_softcapping": None}) == "sdpa"
+    with pytest.raises(UserError, match="'falcon' is not supported.*gemma2, gemma3_text, phi3"):
+        arch_for({"model_type": "falcon"})
+    with pytest.raises(UserError, match="bidirectional attention"):
+        arch_for({"model_type": "gemma3_text", "use_bidirectional_attention": True})
+
+
+def test_the_embedding_scale_is_rounded_to_the_model_dtype():
+    """As transformers computes it: sqrt(3072) = 55.4256 is 55.5 in bfloat16, the factor a
+    bfloat16 Gemma was trained with; a float32 model keeps 55.4256."""
+    from transformers import Gemma2Config
+
+    from neuqi.architectures import GEMMA2, LLAMA_LIKE
+    from neuqi.families import embedding_scale
+
+    assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="bfloat16"), GEMMA2) == 55.5
+    assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="float32"), GEMMA2) == (
+        pytest.approx(3072**0.5, rel=1e-7))
+    assert embedding_scale(Gemma2Config(hidden_size=3072), LLAMA_LIKE) is None
