@@ -347,3 +347,31 @@ def test_unsupported_family_names_the_supported_ones(moe_models: dict[str, Path]
     with pytest.raises(UserError) as e:
         arch_for(config)
     assert "dbrx" in str(e.value) and "deepseek_v3" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_deepseek_multi_token_prediction_layer_is_left_out(
+    moe_models: dict[str, Path], fast_tmp: Path, forked: Zygote,
+) -> None:
+    """DeepSeek-V3's checkpoints carry a multi-token-prediction layer as ``model.layers.61.*``
+    (one past ``num_hidden_layers``), which the causal model does not run and transformers
+    ignores on load. The job says it leaves those tensors out, and the output loads."""
+    from safetensors.torch import load_file, save_file
+
+    model = fast_tmp / "deepseek-mtp"
+    shutil.copytree(moe_models["deepseek_v3"], model)
+    tensors = load_file(model / "model.safetensors")
+    extra = {name.replace("model.layers.1.", f"model.layers.{LAYERS}.", 1): t.clone()
+             for name, t in tensors.items() if name.startswith("model.layers.1.")}
+    extra[f"model.layers.{LAYERS}.eh_proj.weight"] = torch.zeros(64, 128, dtype=torch.bfloat16)
+    save_file({**tensors, **extra}, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert Checkpoint.open(model).beyond_layers == sorted(extra)
+
+    out = fast_tmp / "out"
+    r = forked("quantize", str(model), "--out", str(out), *OPTIONS)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(extra)} tensors of decoder layers past num_hidden_layers={LAYERS}" in r.stderr
+    meta = json.loads((out / "neuqi.json").read_text())
+    assert meta["quant_info"]["left_out"]["tensors"] == len(extra)
+    written = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(n.startswith(f"model.layers.{LAYERS}.") for n in written)
+    assert load_quantized(out)(_ids()).logits.isfinite().all()

@@ -221,9 +221,26 @@ class Checkpoint:
     # ------------------------------------------------------------------ queries
     @property
     def names(self) -> list[str]:
-        """All tensor names, sorted; an FP8 weight's block scales (``weight_scale_inv``) are part
-        of its weight (:meth:`read` dequantizes it), not names of their own."""
-        return sorted(n for n in self._weight_map if not self._is_fp8_scale(n))
+        """All tensor names of the causal model, sorted; an FP8 weight's block scales
+        (``weight_scale_inv``) are part of its weight (:meth:`read` dequantizes it), not names of
+        their own. Tensors of decoder layers past ``num_hidden_layers`` (:attr:`beyond_layers`)
+        are not part of it."""
+        beyond = set(self.beyond_layers)
+        return sorted(n for n in self._weight_map if not self._is_fp8_scale(n) and n not in beyond)
+
+    @property
+    def beyond_layers(self) -> list[str]:
+        """Tensors of decoder layers numbered ``num_hidden_layers`` and up: DeepSeek-V3's
+        multi-token-prediction layer (``model.layers.61.*``, ``num_nextn_predict_layers``), which
+        the causal model does not run and transformers ignores on load. Left out of the output."""
+        prefix = self.arch.layers_prefix + "."
+        out = []
+        for name in self._weight_map:
+            if name.startswith(prefix):
+                index = name[len(prefix):].split(".", 1)[0]
+                if index.isdigit() and int(index) >= self.layer_count:
+                    out.append(name)
+        return sorted(out)
 
     def _is_fp8_scale(self, name: str) -> bool:
         return name.endswith(FP8_SCALE) and name[: -len(FP8_SCALE)] + "weight" in self._weight_map

@@ -206,6 +206,13 @@ class Job:
             )
         if self.plan_summary:  # after every refusal, so that bad input stays one line
             self.log.info(self.plan_summary)
+        beyond = self.ckpt.beyond_layers
+        if beyond:
+            self.log.info(
+                f"{len(beyond)} tensors of decoder layers past num_hidden_layers="
+                f"{self.ckpt.layer_count} (such as {beyond[0]}; DeepSeek-V3's multi-token "
+                f"prediction layer) are not part of the causal model: left out of the output"
+            )
         done, total = self.units()
         if done:
             self.log.info(f"resuming job {store.path}: {done}/{total} steps already done")
@@ -270,6 +277,9 @@ class Job:
                 }
                 if ckpt.arch.moe is not None:
                     info["moe"] = moe_summary(store, ckpt.arch, n, cfg.moe_calibration)
+                if ckpt.beyond_layers:
+                    info["left_out"] = {"tensors": len(ckpt.beyond_layers),
+                                        "why": "decoder layers past num_hidden_layers"}
                 if cfg.distill_steps:
                     info["distill"] = {"mode": "block-wise", "steps": cfg.distill_steps,
                                        "lr": cfg.distill_lr, "norms": cfg.distill_norms}
