@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, assert_same_output, one_line_error, output_tensors
+from helpers import TINY, assert_same_output, neuqi, one_line_error, output_tensors
 from test_reliability import Zygote
 
 from neuqi import faults
@@ -170,6 +170,26 @@ def test_quantize_with_format_gguf_is_refused_before_any_work(
     line = one_line_error(forked("quantize", str(model), "--out", str(out), *OPTIONS,
                                  "--format", fmt))
     assert "'gemma2' has no GGUF export" in line and "compressed-tensors" in line
+    assert not out.exists() and not (tmp_path / "out.job").exists()
+
+
+def test_quantize_with_format_gguf_refuses_a_hub_id_before_any_work(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+):
+    """A hub id's config.json is read on its own (here offline, from a hub cache laid out as
+    huggingface_hub writes it), so the refusal comes before the download and the solve."""
+    model = tiny_model_factory("gemma2", **FAMILIES["gemma2"])
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-gemma2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(model / "config.json", repo / "snapshots" / ("0" * 40) / "config.json")
+    out = tmp_path / "out"
+    line = one_line_error(neuqi("quantize", "someone/tiny-gemma2", "--out", str(out), *OPTIONS,
+                                "--format", "gguf",
+                                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
+    assert "'gemma2' has no GGUF export" in line
     assert not out.exists() and not (tmp_path / "out.job").exists()
 
 

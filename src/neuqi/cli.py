@@ -187,10 +187,19 @@ def quantize(
 
 
 def _check_gguf_family(model: str) -> None:
-    """One-line refusal of --format gguf* for a local model whose family has no GGUF layout."""
+    """One-line refusal of --format gguf* for a model whose family has no GGUF layout: a local
+    folder's config.json, or a hub id's (fetched alone, or from the local hub cache offline);
+    when neither can be read, the quantize run reports that itself."""
     import json
 
     config = Path(model).expanduser() / "config.json"
+    if not config.is_file() and not Path(model).expanduser().exists() and model.count("/") == 1:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = Path(hf_hub_download(model, "config.json"))
+        except Exception:  # noqa: BLE001 - offline, unknown repo, gated: quantize says which
+            return
     if config.is_file():
         from neuqi.export.gguf import check_family
 
