@@ -56,7 +56,7 @@ def main() -> None:
             continue
         name = f"{ckpt.arch.layer_prefix(i)}{linear}.weight"
         codes, scale, zero = quant_params(store, i, linear)
-        h = store.read_array(h_name(i, ckpt.arch.group_of(linear)))
+        h = store.read_array(h_name(i, ckpt.arch.group_in(i, linear)))
         lin = NativeLinear(name=name, codes=codes, scale=scale, zero_point=zero,
                            bits=config.bits, group_size=config.group_size,
                            weight=ckpt.read(name, dtype=torch.float32), h_diag=h,

@@ -7,7 +7,6 @@ The model folders are session-scoped and shared: treat them as read-only and cop
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,22 +89,6 @@ def _tiny_config(family: str, **overrides: Any) -> Any:
     return AutoConfig.for_model(family, **base)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights with O(1) activations, norms away from 1, so layer mix-ups change the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
-
-
 def make_tiny_model(
     family: str,
     folder: Path,
@@ -118,10 +101,12 @@ def make_tiny_model(
     """Save a seeded random ``family`` model (float32 safetensors) plus the tiny tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from neuqi.synthetic import randomize
+
     config = _tiny_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize(model, seed)
+    randomize(model, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(str(folder), **kwargs)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))

@@ -8,6 +8,7 @@ model family starts here: an :class:`ArchSpec` (or a family added to one) and it
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,17 +75,8 @@ class ArchSpec:
         expert's ``mlp_in``/``shared_out``, then each expert's ``e{e}_in``/``e{e}_out``)."""
         if not self.is_moe_layer(index):
             return self.linear_groups
-        moe = self.moe
-        assert moe is not None
-        out = [(g, names) for g, names in self.linear_groups if not g.startswith("mlp")]
-        if moe.shared:
-            out += [("mlp_in", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj")),
-                    ("shared_out", (f"{moe.shared}.down_proj",))]
-        gate, up, down = moe.expert_linears
-        for e in range(moe.experts):
-            out += [(f"e{e}_in", (f"mlp.experts.{e}.{gate}", f"mlp.experts.{e}.{up}")),
-                    (f"e{e}_out", (f"mlp.experts.{e}.{down}",))]
-        return tuple(out)
+        assert self.moe is not None
+        return _moe_groups(self.linear_groups, self.moe)
 
     def linears_of(self, index: int) -> tuple[str, ...]:
         """The quantized linears of decoder layer ``index``, in execution order."""
@@ -92,10 +84,7 @@ class ArchSpec:
 
     def group_in(self, index: int, linear: str) -> str:
         """The input (Hessian) group of ``linear`` in decoder layer ``index``."""
-        for group, names in self.groups(index):
-            if linear in names:
-                return group
-        raise KeyError(linear)
+        return _group_by_linear(self.groups(index))[linear]
 
     def layer_prefix(self, index: int) -> str:
         """Prefix of decoder layer ``index``'s tensor names, with the trailing dot."""
@@ -107,11 +96,9 @@ class ArchSpec:
         return tuple(name for _, names in self.linear_groups for name in names)
 
     def group_of(self, linear: str) -> str:
-        """The input (Hessian) group a linear belongs to."""
-        for group, names in self.linear_groups:
-            if linear in names:
-                return group
-        raise KeyError(linear)
+        """The input (Hessian) group a linear of a dense layer belongs to (any layer:
+        :meth:`group_in`)."""
+        return _group_by_linear(self.linear_groups)[linear]
 
     def class_prefix(self, family: str) -> str:
         """The transformers class-name prefix of ``family`` (``"llama"`` -> ``"Llama"``)."""
@@ -131,6 +118,27 @@ class ArchSpec:
         key = self.final_softcap_key
         value = None if key is None else _get(config, key)
         return None if value is None else float(value)
+
+
+# Built once per layout: asked for every linear of every layer (a DeepSeek-V3 MoE layer has ~500
+# input groups and ~770 linears).
+@functools.cache
+def _moe_groups(linear_groups: tuple[tuple[str, tuple[str, ...]], ...], moe: MoELayout
+                ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    out = [(g, names) for g, names in linear_groups if not g.startswith("mlp")]
+    if moe.shared:
+        out += [("mlp_in", (f"{moe.shared}.gate_proj", f"{moe.shared}.up_proj")),
+                ("shared_out", (f"{moe.shared}.down_proj",))]
+    gate, up, down = moe.expert_linears
+    for e in range(moe.experts):
+        out += [(f"e{e}_in", (f"mlp.experts.{e}.{gate}", f"mlp.experts.{e}.{up}")),
+                (f"e{e}_out", (f"mlp.experts.{e}.{down}",))]
+    return tuple(out)
+
+
+@functools.cache
+def _group_by_linear(groups: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, str]:
+    return {name: group for group, names in groups for name in names}
 
 
 LLAMA_LIKE = ArchSpec(

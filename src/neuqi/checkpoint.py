@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -139,7 +140,8 @@ def _plain_file_name(value: Any, index: Path) -> str:
 class Checkpoint:
     """A local Hugging Face checkpoint (config.json + safetensors), validated when opened.
 
-    Attributes: ``path`` (the folder), ``config`` (transformers config, attention set to SDPA),
+    Attributes: ``path`` (the folder), ``config`` (transformers config, attention set to SDPA, or
+    eager where the family soft-caps attention),
     ``arch`` (:class:`~neuqi.architectures.ArchSpec`).
     """
 
@@ -228,7 +230,7 @@ class Checkpoint:
         beyond = set(self.beyond_layers)
         return sorted(n for n in self._weight_map if not self._is_fp8_scale(n) and n not in beyond)
 
-    @property
+    @functools.cached_property
     def beyond_layers(self) -> list[str]:
         """Tensors of decoder layers numbered ``num_hidden_layers`` and up: DeepSeek-V3's
         multi-token-prediction layer (``model.layers.61.*``, ``num_nextn_predict_layers``), which

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuqi.architectures import MOE_FAMILIES, arch_for
+from neuqi.architectures import arch_for
 from neuqi.errors import UserError
 from neuqi.output import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE
 from neuqi.packing import packed_size, unpack_codes
@@ -316,14 +316,14 @@ def load_quantized(
     path = out.path
     device = torch.device(device)
     config = _load_config(path)
+    arch = arch_for(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation=arch_for(config).attn_implementation(config)
+            config, dtype=dtype, attn_implementation=arch.attn_implementation(config)
         )
-    if config.model_type in MOE_FAMILIES:  # one linear per expert projection, as stored
-        from neuqi.moe import unfuse_experts
+    from neuqi.moe import unfuse_experts
 
-        unfuse_experts(model, arch_for(config))
+    unfuse_experts(model, arch)  # MoE: one linear per expert projection, as stored
 
     # 1. quantized linears
     for name, info in sorted(out.quantized.items()):

@@ -298,6 +298,25 @@ def _fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights with O(1) activations and norms away from 1 (so layer mix-ups change the logits),
+    drawn from ``seed`` in the order of ``model.named_parameters()``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
+
+
 def build_from_config(folder: Path, config: object, *, seed: int = 0,
                       tokenizer_dir: Path | None = None, fp8_block: int = 0) -> Path:
     """A seeded random checkpoint of any supported ``config`` (transformers config object):
@@ -319,18 +338,7 @@ def build_from_config(folder: Path, config: object, *, seed: int = 0,
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif "embed_tokens" in name:
-                p.copy_(noise)
-            else:
-                p.copy_(noise / math.sqrt(p.shape[-1]))
+    randomize(model, seed)
     arch = arch_for(config)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
     if arch.moe is not None:

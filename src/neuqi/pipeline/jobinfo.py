@@ -45,16 +45,16 @@ def job_status(job: str | Path) -> dict[str, Any]:
     try:
         n = int(config["num_hidden_layers"])  # type: ignore[index]
         arch = arch_for(config)
-        linears = sum(len(arch.linears_of(i)) for i in range(n)) / max(n, 1)
+        solves = sum(len(arch.linears_of(i)) for i in range(n))
     except Exception:  # noqa: BLE001 - the model moved or changed: count what the records show
         n = max(layers, default=0) + 1
-        linears = max((sum(k.startswith(f"solve/{i}/") for k in records) for i in layers),
-                      default=0)
+        solves = n * max((sum(k.startswith(f"solve/{i}/") for k in records) for i in layers),
+                         default=0)
     lock = WriterLock(root, str(job))
     stages = {
         "embed": (sum(k == "embed" for k in records), 1),
         "hessian": (sum(k.startswith("hessian/") for k in records), n),
-        "solve": (sum(k.startswith("solve/") for k in records), round(n * linears)),
+        "solve": (sum(k.startswith("solve/") for k in records), solves),
         "forward": (sum(k.startswith("forward/") for k in records), n - 1),
         **({"distill": (sum(k.startswith("distill/") for k in records), n)}
            if options.get("distill_steps") else {}),

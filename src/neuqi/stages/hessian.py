@@ -130,13 +130,14 @@ def _expert_fallback(sums: list[BatchSums], groups: list[str], info: dict[str, A
     pooled_out = [totals[f"e{e}_out"] for e in experts if totals[f"e{e}_out"][0] is not None]
     out_all = (sum(t for t, _ in pooled_out), sum(n for _, n in pooled_out)) if pooled_out else (
         None, 0)
-    fallback = []
-    for e in experts:
-        if totals[f"e{e}_in"][1] < MOE_MIN_TOKENS:
-            fallback.append(e)
-            totals[f"e{e}_in"] = _total(sums, MOE_ALL)
+    expert_tokens = [totals[f"e{e}_in"][1] for e in experts]
+    fallback = [e for e, n in zip(experts, expert_tokens, strict=True) if n < MOE_MIN_TOKENS]
+    if fallback:
+        router_all = _total(sums, MOE_ALL)
+        for e in fallback:
+            totals[f"e{e}_in"] = router_all
             totals[f"e{e}_out"] = out_all  # type: ignore[assignment]
-    info["expert_tokens"] = [_total(sums, f"e{e}_in")[1] for e in experts]
+    info["expert_tokens"] = expert_tokens
     info["experts_fallback"] = fallback
     return totals
 
