@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,8 @@ METHODS: dict[str, list[str]] = {
 END_TO_END = {"neuqi+e2e-distill": "neuqi"}
 COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                         cwd=ROOT, check=False).stdout.strip() or "unknown"
+# The forward pass (hence a perplexity, and NeUQI's near-tie choices) moves with these (README).
+VERSIONS = {name: version(name) for name in ("torch", "transformers")}
 SETTING = re.compile(r"^w([2-8])(?:g(\d+)|c)$")
 
 
@@ -261,6 +264,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "versions": VERSIONS,
     })
 
     def finish() -> None:
@@ -317,6 +321,7 @@ def main() -> None:
             row = evaluate(str(out), args, logs / f"{name}-eval.log")
             row["quantize_seconds"] = round(seconds, 1)
             row["commit"] = COMMIT
+            row["versions"] = VERSIONS
             rows[key] = row
             print(f"{key}: perplexity {row['perplexity']:.4f}, quantize {minutes(seconds)}",
                   flush=True)
