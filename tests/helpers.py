@@ -101,3 +101,37 @@ def local_cluster(**kwargs: Any) -> Iterator[Any]:
     finally:
         with contextlib.suppress(TimeoutError):
             cluster.close()
+
+
+def gguf_in_transformers(path: Path) -> torch.nn.Module:
+    """A GGUF file loaded by transformers' own GGUF reader (float32), its config completed with
+    what llama.cpp takes from the file's keys (or fixes for the architecture) and transformers'
+    reader leaves at the config class's defaults: Phi-3's rotated dimensions
+    (``rope.dimension_count``), Gemma 2/3's query scale (llama.cpp: 1/sqrt(``key_length``)) and
+    soft-capping, the MoE expert widths and Qwen2-MoE's top-k weights (llama.cpp's qwen2moe does
+    not renormalize them)."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: f.contents() for k, f in GGUFReader(path).fields.items()
+              if not k.startswith("tokenizer.")}
+    arch = fields["general.architecture"]
+
+    def key(name: str) -> Any:
+        return fields.get(f"{arch}.{name}")
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if arch == "phi3":
+        config.rope_parameters["partial_rotary_factor"] = (
+            key("rope.dimension_count") / key("attention.key_length"))
+    if arch in ("gemma2", "gemma3"):  # tiny models: not the 27B, whose scale is hidden/heads
+        config.query_pre_attn_scalar = key("attention.key_length")
+        config.final_logit_softcapping = key("final_logit_softcapping")
+        config.attn_logit_softcapping = key("attn_logit_softcapping")
+    if arch in ("qwen2moe", "qwen3moe"):
+        config.moe_intermediate_size = key("expert_feed_forward_length")
+        config.norm_topk_prob = arch == "qwen3moe"
+        if key("expert_shared_feed_forward_length"):
+            config.shared_expert_intermediate_size = key("expert_shared_feed_forward_length")
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                dtype=torch.float32)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import neuqi
+from helpers import TINY as TINY_CLI
+from helpers import neuqi, one_line_error
 from safetensors.torch import load_file
 
 from neuqi.export import export
@@ -434,3 +435,33 @@ def test_q4_1_writes_groups_of_a_multiple_of_32_with_their_own_codes(group_size:
     as_blocks = (scale.unsqueeze(-1) * blocks - (scale * zero).unsqueeze(-1)).reshape(8, 128)
     torch.testing.assert_close(as_blocks, lin.dequantized(), rtol=1e-6, atol=1e-6)
     assert own_block_params(lin, 5) is None  # other bits: re-solved
+
+
+def _sentencepiece_style(folder: Path, to: Path) -> Path:
+    """A copy of ``folder`` whose tokenizer.json is a BPE with byte_fallback, the form of the
+    SentencePiece tokenizers of Gemma, Phi-3 and LLaMA 2 (still loadable by transformers)."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    tj = json.loads((to / "tokenizer.json").read_text())
+    tj["model"]["byte_fallback"] = True
+    (to / "tokenizer.json").write_text(json.dumps(tj))
+    return to
+
+
+def test_gguf_refuses_a_sentencepiece_tokenizer_in_one_line(
+    float_output: Path, tiny_llama: Path, tmp_path: Path
+):
+    """Written as a gpt2 (byte-level BPE) vocabulary, a SentencePiece one would be mis-tokenized
+    by llama.cpp: refused, naming the file, by export and by quantize --format gguf before any
+    work."""
+    out = _sentencepiece_style(float_output, tmp_path / "out")
+    line = one_line_error(neuqi("export", str(out), "--format", "gguf",
+                                "--out", str(tmp_path / "m.gguf")))
+    assert str(out / "tokenizer.json") in line and "SentencePiece" in line
+    assert "byte_fallback" in line and not (tmp_path / "m.gguf").exists()
+    model = _sentencepiece_style(tiny_llama, tmp_path / "model")
+    line = one_line_error(neuqi("quantize", str(model), "--out", str(tmp_path / "q"), "--bits",
+                                "4", "--group-size", "32", *TINY_CLI, "--format", "gguf"))
+    assert str(model / "tokenizer.json") in line and "SentencePiece" in line
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.job").exists()
