@@ -21,6 +21,15 @@ of a small model is a large part of it), not larger. Tensor names, metadata and
 the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
 ``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
 applies rotary embeddings to interleaved pairs, transformers to halves).
+
+Families (:data:`LAYOUTS`, the one table of what differs per family): LLaMA / Mistral / Mixtral
+(``llama``), Qwen2 / Qwen3, Phi-3 (``phi3``: fused ``attn_qkv`` and ``ffn_up`` = gate | up), Gemma
+2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE. A mixture of experts' expert linears are
+stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers stay F32. What
+llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
+query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
+llama.cpp would run differently from transformers is refused (:func:`check_family`), as is a
+tokenizer the writer cannot write (:func:`check_tokenizer`: SentencePiece-style ones).
 """
 
 from __future__ import annotations
@@ -182,9 +191,11 @@ def _experts_keys(w: Any, c: Any) -> None:
         w.add_expert_shared_feed_forward_length(int(shared))
 
 
-def _topk_norm(want: bool) -> Callable[[Any], str | None]:
+def _topk_norm(want: bool | None) -> Callable[[Any], str | None]:
+    """The refusal of an MoE family whose top-k router weights llama.cpp renormalizes (``want``
+    True), does not (False), or as transformers always does (None: Mixtral)."""
     def refuse(c: Any) -> str | None:
-        if bool(getattr(c, "norm_topk_prob", False)) != want:
+        if want is not None and bool(getattr(c, "norm_topk_prob", False)) != want:
             return (f"norm_topk_prob {getattr(c, 'norm_topk_prob', None)} (llama.cpp "
                     f"{'renormalizes' if want else 'does not renormalize'} this family's top-k "
                     f"router weights)")
@@ -226,6 +237,11 @@ LAYOUTS: dict[str, Layout] = {
     "phi3": Layout("phi3", keys=_phi3_keys, refuse=_phi3_refuse),
     "gemma2": Layout("gemma2", norm_shift=1.0, keys=_gemma2_keys, refuse=_gemma2_refuse),
     "gemma3_text": Layout("gemma3", norm_shift=1.0, keys=_gemma3_keys, refuse=_gemma3_refuse),
+    # experts stacked into ffn_{gate,up,down}_exps; routers (ffn_gate_inp, Qwen2-MoE's shared
+    # expert gate ffn_gate_inp_shexp) in F32; expert count and widths in the keys
+    "mixtral": Layout("llama", permute_qk=True, refuse=_topk_norm(None)),
+    "qwen2_moe": Layout("qwen2moe", refuse=_topk_norm(False)),
+    "qwen3_moe": Layout("qwen3moe", refuse=_topk_norm(True)),
 }
 ARCHS = LAYOUTS  # the families with a GGUF export (model_type -> Layout)
 _EXPERT = re.compile(r"^(?P<layer>.+\.layers\.(?P<bid>\d+))\.mlp\.experts\.(?P<e>\d+)\."
