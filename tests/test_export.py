@@ -465,3 +465,45 @@ def test_gguf_refuses_a_sentencepiece_tokenizer_in_one_line(
                                 "4", "--group-size", "32", *TINY_CLI, "--format", "gguf"))
     assert str(model / "tokenizer.json") in line and "SentencePiece" in line
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.job").exists()
+
+
+GEMMA2 = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+          "query_pre_attn_scalar": 16, "num_hidden_layers": 2}
+GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
+
+
+@pytest.mark.parametrize("config,why", [
+    (GEMMA2, None),
+    ({**GEMMA2, "num_hidden_layers": 46, "query_pre_attn_scalar": 144, "hidden_size": 4608,
+      "num_attention_heads": 32, "head_dim": 128}, None),  # Gemma 2 27B: hidden/heads
+    ({**GEMMA2, "query_pre_attn_scalar": 256}, "scales this model's queries by 1/sqrt(16)"),
+    ({**GEMMA2, "tie_word_embeddings": False}, "untied lm_head"),
+    ({**GEMMA2, "final_logit_softcapping": None}, "always soft-caps the logits"),
+    ({**GEMMA2, "layer_types": ["full_attention", "sliding_attention"]}, "one global layer in every 2"),
+    ({**GEMMA2, "hidden_activation": "silu"}, "tanh GELU"),
+    (GEMMA3, None),
+    ({**GEMMA3, "final_logit_softcapping": 30.0}, "does not soft-cap the logits"),
+    ({**GEMMA3, "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "yarn", "factor": 8.0,
+                                                       "rope_theta": 1e6}}}, "'yarn'"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                "long_factor": [1.0] * 48,
+                                                "short_factor": [1.0] * 48}}, "'longrope'"),
+    ({"model_type": "qwen3_moe", "norm_topk_prob": False}, "renormalizes"),
+    ({"model_type": "qwen2_moe", "norm_topk_prob": False, "mlp_only_layers": [1],
+      "num_hidden_layers": 2}, "dense MLP layers [1]"),
+    ({"model_type": "deepseek_v3"}, "'deepseek_v3' has no GGUF export"),
+])
+def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why: str | None):
+    """What llama.cpp fixes for an architecture rather than reads from the file, checked against
+    the config (transformers' class defaults filled in): a mismatch is one line, never a file."""
+    from neuqi.errors import UserError
+    from neuqi.export.gguf import check_family
+
+    if why is None:
+        check_family(config, "config.json")
+        return
+    with pytest.raises(UserError) as e:
+        check_family(config, "config.json")
+    assert why in str(e.value) and "\n" not in str(e.value)
+    assert "compressed-tensors" in str(e.value)

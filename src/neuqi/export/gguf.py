@@ -139,13 +139,14 @@ def _gemma2_refuse(c: Any) -> str | None:
         return "an untied lm_head (llama.cpp's gemma2 has no output tensor)"
     if getattr(c, "attn_logit_softcapping", None) is None:
         return "no attn_logit_softcapping (llama.cpp's gemma2 always soft-caps attention)"
+    if getattr(c, "final_logit_softcapping", None) is None:
+        return "no final_logit_softcapping (llama.cpp's gemma2 always soft-caps the logits)"
     return (_default_rope(c) or _swa_pattern(c, 2) or _query_scale(c, 46) or _gelu_tanh(c))
 
 
 def _gemma2_keys(w: Any, c: Any) -> None:
     w.add_attn_logit_softcapping(float(c.attn_logit_softcapping))
-    if getattr(c, "final_logit_softcapping", None) is not None:
-        w.add_final_logit_softcapping(float(c.final_logit_softcapping))
+    w.add_final_logit_softcapping(float(c.final_logit_softcapping))
     w.add_sliding_window(int(c.sliding_window))
 
 
@@ -160,7 +161,11 @@ def _gemma3_refuse(c: Any) -> str | None:
         return "rope scaling on the sliding layers (llama.cpp's gemma3 scales the global ones)"
     if (_rope(c, "full_attention").get("rope_type") or "default") not in ("default", "linear"):
         return _default_rope(c, "full_attention")
-    return _swa_pattern(c, 6) or _query_scale(c, 62) or _gelu_tanh(c)
+    if _swa_pattern(c, 6) or _query_scale(c, 62) or _gelu_tanh(c):
+        return _swa_pattern(c, 6) or _query_scale(c, 62) or _gelu_tanh(c)
+    if getattr(c, "final_logit_softcapping", None) is not None:  # its local/global graph
+        return "final_logit_softcapping (llama.cpp's gemma3 does not soft-cap the logits)"
+    return None
 
 
 def _gemma3_keys(w: Any, c: Any) -> None:
@@ -171,8 +176,6 @@ def _gemma3_keys(w: Any, c: Any) -> None:
     if (full.get("rope_type") or "default") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(full["factor"]))
-    if getattr(c, "final_logit_softcapping", None) is not None:
-        w.add_final_logit_softcapping(float(c.final_logit_softcapping))
     w.add_sliding_window(int(c.sliding_window))
 
 
