@@ -507,3 +507,21 @@ def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why:
         check_family(config, "config.json")
     assert why in str(e.value) and "\n" not in str(e.value)
     assert "compressed-tensors" in str(e.value)
+
+
+def test_gguf_gemma3_linear_rope_scaling_is_written_for_the_global_layers():
+    """Gemma 3 4B+ scale the global layers' rotary linearly (factor 8): llama.cpp reads the
+    scaling keys for its global layers and fixes base 10000, no scaling, for the local ones."""
+    import gguf
+
+    from neuqi.export.gguf import LAYOUTS, _resolved
+
+    config = _resolved({**GEMMA3, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}})
+    writer = gguf.GGUFWriter(None, "gemma3")
+    LAYOUTS["gemma3_text"].keys(writer, config)
+    kv = {k: v.value for k, v in writer.kv_data[0].items()}
+    assert kv["gemma3.rope.freq_base"] == 1e6
+    assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
+    assert "gemma3.final_logit_softcapping" not in kv

@@ -259,7 +259,12 @@ def _resolved(config: dict[str, Any] | Any) -> Any:
     from transformers import AutoConfig
 
     values = {k: v for k, v in config.items() if k != "model_type"}
-    return AutoConfig.for_model(str(config.get("model_type")), **values)
+    try:
+        return AutoConfig.for_model(str(config.get("model_type")), **values)
+    except Exception as e:  # noqa: BLE001 - whatever the config class rejects
+        raise UserError(f"config.json: transformers' {config.get('model_type')} config class "
+                        f"rejects it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
 
 
 def check_family(config: dict[str, Any] | str, where: object) -> None:
