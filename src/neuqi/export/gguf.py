@@ -85,8 +85,9 @@ def _swa_pattern(c: Any, every: int) -> str | None:
             for i in range(c.num_hidden_layers)]
     got = list(getattr(c, "layer_types", None) or want)
     if got != want:
-        return (f"layer_types {got} (llama.cpp fixes one global layer in every {every}, the "
-                f"others local)")
+        full = [i for i, kind in enumerate(got) if kind != "sliding_attention"]
+        return (f"layer_types global at layers {full} of {len(got)} (llama.cpp fixes one global "
+                f"layer in every {every}, the others local)")
     return None
 
 
