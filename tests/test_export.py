@@ -487,8 +487,14 @@ GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
                                     "full_attention": {"rope_type": "yarn", "factor": 8.0,
                                                        "rope_theta": 1e6}}}, "'yarn'"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
-                                                "long_factor": [1.0] * 48,
-                                                "short_factor": [1.0] * 48}}, "'longrope'"),
+                                                "long_factor": [1.0] * 47,
+                                                "short_factor": [1.0] * 47}},
+     "config class rejects it"),  # transformers' own check of the factors' length
+    ({"model_type": "phi3", "max_position_embeddings": 131072,
+      "original_max_position_embeddings": 4096,
+      "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "attention_factor": 1.5,
+                          "long_factor": [1.0] * 48, "short_factor": [1.0] * 48}},
+     "longrope attention scale 1.5"),
     ({"model_type": "qwen3_moe", "norm_topk_prob": False}, "renormalizes"),
     ({"model_type": "qwen2_moe", "norm_topk_prob": False, "mlp_only_layers": [1],
       "num_hidden_layers": 2}, "dense MLP layers [1]"),
@@ -506,7 +512,7 @@ def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why:
     with pytest.raises(UserError) as e:
         check_family(config, "config.json")
     assert why in str(e.value) and "\n" not in str(e.value)
-    assert "compressed-tensors" in str(e.value)
+    assert "compressed-tensors" in str(e.value) or "rejects it" in str(e.value)
 
 
 def test_gguf_gemma3_linear_rope_scaling_is_written_for_the_global_layers():

@@ -14,6 +14,7 @@ llama.cpp would run differently from transformers are refused in one line.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from collections.abc import Callable
@@ -204,6 +205,15 @@ def test_quantize_with_format_gguf_is_refused_before_any_work(
 # published Gemma 3 configs have them); Phi-3 and Gemma 2 as above.
 GGUF_FAMILIES: dict[str, dict] = {
     "phi3": FAMILIES["phi3"],
+    # Phi-3 128k / 3.5 / Phi-4-mini: LongRoPE, context 256 over an original 64 (attention
+    # factor sqrt(1 + log 4 / log 64)); the inputs (24 tokens) use the short factors
+    "phi3-longrope": {**FAMILIES["phi3"], "max_position_embeddings": 256,
+                      "original_max_position_embeddings": 64,
+                      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5,
+                                          "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                          "long_factor": [2.0, 3.0, 4.0, 8.0],
+                                          "original_max_position_embeddings": 64}},
     "gemma2": FAMILIES["gemma2"],
     "gemma3_text": {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
                     "query_pre_attn_scalar": 16, "num_hidden_layers": 6},
@@ -228,7 +238,9 @@ def test_gguf_export_runs_in_transformers_with_the_native_logits(
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize
 
-    model = tiny_model_factory(model_type, **GGUF_FAMILIES[model_type])
+    overrides = GGUF_FAMILIES[model_type]
+    model_type = model_type.split("-")[0]
+    model = tiny_model_factory(model_type, **overrides)
     out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
                                   seqlen=32, batch_size=3, bits=4, group_size=32,
                                   method="neuqi"), None, "cpu")
@@ -246,6 +258,12 @@ def test_gguf_export_runs_in_transformers_with_the_native_logits(
         qkv, up = tensors["blk.0.attn_qkv.weight"], tensors["blk.0.ffn_up.weight"]
         assert tuple(qkv.shape) == (64, 64 + 2 * 32) and tuple(up.shape) == (64, 2 * 128)
         assert "output.weight" in tensors
+        if "rope_parameters" in overrides:  # as convert_hf_to_gguf writes LongRoPE
+            assert fields["phi3.rope.scaling.original_context_length"] == 64
+            assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(
+                (1 + math.log(4) / math.log(64)) ** 0.5)
+            assert tensors["rope_factors_short.weight"].data.tolist() == [1.0, 1.5, 2.0, 3.0]
+            assert tensors["rope_factors_long.weight"].data.tolist() == [2.0, 3.0, 4.0, 8.0]
     else:
         arch = "gemma2" if model_type == "gemma2" else "gemma3"
         assert fields["general.architecture"] == arch

@@ -35,6 +35,7 @@ tokenizer the writer cannot write (:func:`check_tokenizer`: SentencePiece-style 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,19 +121,65 @@ def _all_sparse(c: Any) -> str | None:
     return None
 
 
+def _phi3_rope_dims(c: Any) -> int:
+    """convert_hf_to_gguf's Phi3MiniModel: ``int(partial_rotary_factor * hidden) // heads``."""
+    factor = float(_rope(c).get("partial_rotary_factor",
+                                getattr(c, "partial_rotary_factor", None) or 1.0))
+    return int(factor * c.hidden_size) // c.num_attention_heads
+
+
+def _phi3_orig_ctx(c: Any) -> int | None:
+    orig = (_rope(c).get("original_max_position_embeddings")
+            or getattr(c, "original_max_position_embeddings", None))
+    return None if orig is None else int(orig)
+
+
+def _longrope_attn_factor(c: Any) -> float:
+    """LongRoPE's cos/sin scale as convert_hf_to_gguf writes it (transformers' default too):
+    ``sqrt(1 + log(s) / log(orig))`` with ``s = max_position_embeddings / orig``, 1 if s <= 1."""
+    orig = _phi3_orig_ctx(c) or int(c.max_position_embeddings)
+    scale = c.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
+
 def _phi3_refuse(c: Any) -> str | None:
-    return _default_rope(c)
+    rope = _rope(c)
+    kind = rope.get("rope_type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ("longrope", "su"):
+        return _default_rope(c)
+    half = _phi3_rope_dims(c) // 2
+    if len(rope.get("long_factor") or ()) != half or len(rope.get("short_factor") or ()) != half:
+        return f"longrope factors not of length {half} (half the rotated dimensions)"
+    ours = _longrope_attn_factor(c)
+    orig = _phi3_orig_ctx(c) or int(c.max_position_embeddings)
+    factor = float(rope.get("factor") or c.max_position_embeddings / orig)
+    theirs = rope.get("attention_factor")  # transformers' scale, as _compute_longrope_parameters
+    if theirs is None:
+        theirs = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+    if not math.isclose(float(theirs), ours, rel_tol=1e-6):
+        return (f"longrope attention scale {float(theirs):.6g} (llama.cpp's phi3: "
+                f"sqrt(1 + log(max_position_embeddings / original) / log(original)) = {ours:.6g})")
+    return None
 
 
 def _phi3_keys(w: Any, c: Any) -> None:
-    rope = _rope(c)
-    factor = float(rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", None)
-                        or 1.0))
-    # convert_hf_to_gguf's Phi3MiniModel: int(factor * hidden) // heads rotated dimensions
-    w.add_rope_dimension_count(int(factor * c.hidden_size) // c.num_attention_heads)
-    if getattr(c, "original_max_position_embeddings", None):
-        w.add_rope_scaling_orig_ctx_len(int(c.original_max_position_embeddings))
+    import gguf
+
+    w.add_rope_dimension_count(_phi3_rope_dims(c))
+    if _phi3_orig_ctx(c):
+        w.add_rope_scaling_orig_ctx_len(_phi3_orig_ctx(c))
     w.add_sliding_window(int(getattr(c, "sliding_window", None) or 0))  # 0: no sliding window
+    rope = _rope(c)
+    if (rope.get("rope_type") or "default") in ("longrope", "su"):
+        # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): the per-dimension frequency divisors as two
+        # F32 tensors (llama.cpp picks long or short by its context size), the cos/sin scale key
+        w.add_rope_scaling_attn_factors(_longrope_attn_factor(c))
+        for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                          (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            w.add_tensor(f"{gguf.TENSOR_NAMES[kind]}.weight",
+                         np.asarray(rope[key], dtype=np.float32))
 
 
 def _gemma2_refuse(c: Any) -> str | None:
@@ -263,9 +310,9 @@ def _resolved(config: dict[str, Any] | Any) -> Any:
     try:
         return AutoConfig.for_model(str(config.get("model_type")), **values)
     except Exception as e:  # noqa: BLE001 - whatever the config class rejects
+        why = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
         raise UserError(f"config.json: transformers' {config.get('model_type')} config class "
-                        f"rejects it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                        ) from None
+                        f"rejects it ({why})") from None
 
 
 def check_family(config: dict[str, Any] | str, where: object) -> None:
