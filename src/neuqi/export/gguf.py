@@ -295,8 +295,10 @@ LAYOUTS: dict[str, Layout] = {
     "qwen3_moe": Layout("qwen3moe", refuse=_topk_norm(True)),
 }
 ARCHS = LAYOUTS  # the families with a GGUF export (model_type -> Layout)
-_EXPERT = re.compile(r"^(?P<layer>.+\.layers\.(?P<bid>\d+))\.mlp\.experts\.(?P<e>\d+)\."
-                     r"(?P<proj>\w+)\.weight$")
+# an expert linear: model.layers.{bid}.mlp.experts.{e}.{proj}.weight (block_sparse_moe: Mixtral
+# as published, before transformers renames it)
+_EXPERT = re.compile(r"^(?P<layer>.+\.layers\.(?P<bid>\d+))\.(?:mlp|block_sparse_moe)\."
+                     r"experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 _FLOAT_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # routers: F32
 
 
