@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import neuqi
+from helpers import TINY as TINY_CLI
+from helpers import neuqi, one_line_error
 from safetensors.torch import load_file
 
 from neuqi.export import export
@@ -434,3 +435,99 @@ def test_q4_1_writes_groups_of_a_multiple_of_32_with_their_own_codes(group_size:
     as_blocks = (scale.unsqueeze(-1) * blocks - (scale * zero).unsqueeze(-1)).reshape(8, 128)
     torch.testing.assert_close(as_blocks, lin.dequantized(), rtol=1e-6, atol=1e-6)
     assert own_block_params(lin, 5) is None  # other bits: re-solved
+
+
+def _sentencepiece_style(folder: Path, to: Path) -> Path:
+    """A copy of ``folder`` whose tokenizer.json is a BPE with byte_fallback, the form of the
+    SentencePiece tokenizers of Gemma, Phi-3 and LLaMA 2 (still loadable by transformers)."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    tj = json.loads((to / "tokenizer.json").read_text())
+    tj["model"]["byte_fallback"] = True
+    (to / "tokenizer.json").write_text(json.dumps(tj))
+    return to
+
+
+def test_gguf_refuses_a_sentencepiece_tokenizer_in_one_line(
+    float_output: Path, tiny_llama: Path, tmp_path: Path
+):
+    """Written as a gpt2 (byte-level BPE) vocabulary, a SentencePiece one would be mis-tokenized
+    by llama.cpp: refused, naming the file, by export and by quantize --format gguf before any
+    work."""
+    out = _sentencepiece_style(float_output, tmp_path / "out")
+    line = one_line_error(neuqi("export", str(out), "--format", "gguf",
+                                "--out", str(tmp_path / "m.gguf")))
+    assert str(out / "tokenizer.json") in line and "SentencePiece" in line
+    assert "byte_fallback" in line and not (tmp_path / "m.gguf").exists()
+    model = _sentencepiece_style(tiny_llama, tmp_path / "model")
+    line = one_line_error(neuqi("quantize", str(model), "--out", str(tmp_path / "q"), "--bits",
+                                "4", "--group-size", "32", *TINY_CLI, "--format", "gguf"))
+    assert str(model / "tokenizer.json") in line and "SentencePiece" in line
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.job").exists()
+
+
+GEMMA2 = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+          "query_pre_attn_scalar": 16, "num_hidden_layers": 2}
+GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
+
+
+@pytest.mark.parametrize("config,why", [
+    (GEMMA2, None),
+    ({**GEMMA2, "num_hidden_layers": 46, "query_pre_attn_scalar": 144, "hidden_size": 4608,
+      "num_attention_heads": 32, "head_dim": 128}, None),  # Gemma 2 27B: hidden/heads
+    ({**GEMMA2, "query_pre_attn_scalar": 256}, "scales this model's queries by 1/sqrt(16)"),
+    ({**GEMMA2, "tie_word_embeddings": False}, "untied lm_head"),
+    ({**GEMMA2, "final_logit_softcapping": None}, "always soft-caps the logits"),
+    ({**GEMMA2, "layer_types": ["full_attention", "sliding_attention"]}, "one global layer in every 2"),
+    ({**GEMMA2, "hidden_activation": "silu"}, "tanh GELU"),
+    (GEMMA3, None),
+    ({**GEMMA3, "final_logit_softcapping": 30.0}, "does not soft-cap the logits"),
+    ({**GEMMA3, "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "yarn", "factor": 8.0,
+                                                       "rope_theta": 1e6}}}, "'yarn'"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                "long_factor": [1.0] * 47,
+                                                "short_factor": [1.0] * 47}},
+     "config class rejects it"),  # transformers' own check of the factors' length
+    ({"model_type": "phi3", "max_position_embeddings": 131072,
+      "original_max_position_embeddings": 4096,
+      "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "attention_factor": 1.5,
+                          "long_factor": [1.0] * 48, "short_factor": [1.0] * 48}},
+     "longrope attention scale 1.5"),
+    ({"model_type": "qwen3_moe", "norm_topk_prob": False}, "renormalizes"),
+    ({"model_type": "qwen2_moe", "norm_topk_prob": False, "mlp_only_layers": [1],
+      "num_hidden_layers": 2}, "dense MLP layers [1]"),
+    ({"model_type": "deepseek_v3"}, "'deepseek_v3' has no GGUF export"),
+])
+def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why: str | None):
+    """What llama.cpp fixes for an architecture rather than reads from the file, checked against
+    the config (transformers' class defaults filled in): a mismatch is one line, never a file."""
+    from neuqi.errors import UserError
+    from neuqi.export.gguf import check_family
+
+    if why is None:
+        check_family(config, "config.json")
+        return
+    with pytest.raises(UserError) as e:
+        check_family(config, "config.json")
+    assert why in str(e.value) and "\n" not in str(e.value)
+    assert "compressed-tensors" in str(e.value) or "rejects it" in str(e.value)
+
+
+def test_gguf_gemma3_linear_rope_scaling_is_written_for_the_global_layers():
+    """Gemma 3 4B+ scale the global layers' rotary linearly (factor 8): llama.cpp reads the
+    scaling keys for its global layers and fixes base 10000, no scaling, for the local ones."""
+    import gguf
+
+    from neuqi.export.gguf import LAYOUTS, _resolved
+
+    config = _resolved({**GEMMA3, "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}})
+    writer = gguf.GGUFWriter(None, "gemma3")
+    LAYOUTS["gemma3_text"].keys(writer, config)
+    kv = {k: v.value for k, v in writer.kv_data[0].items()}
+    assert kv["gemma3.rope.freq_base"] == 1e6
+    assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
+    assert "gemma3.final_logit_softcapping" not in kv

@@ -5,13 +5,16 @@ float32 safetensors): the streamed layer-by-layer forward equals transformers' f
 `neuqi quantize` killed part-way resumes to a complete output (Gemma 3's: byte for byte the
 uninterrupted run's);
 the streamed eval of the output equals transformers running it; the compressed-tensors export
-loads through ``AutoModelForCausalLM.from_pretrained`` with the output's logits; GGUF is refused
-in one line for these families.
+loads through ``AutoModelForCausalLM.from_pretrained`` with the output's logits. GGUF: Phi-3,
+Gemma 2 and Gemma 3 are written in llama.cpp's layouts and read back by transformers' own GGUF
+reader with the output's logits; Gemma (which transformers cannot read from GGUF) and configs that
+llama.cpp would run differently from transformers are refused in one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from collections.abc import Callable
@@ -20,7 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, assert_same_output, neuqi, one_line_error, output_tensors
+from helpers import (
+    TINY,
+    assert_same_output,
+    gguf_in_transformers,
+    neuqi,
+    one_line_error,
+    output_tensors,
+)
 from test_reliability import Zygote
 
 from neuqi import faults
@@ -155,22 +165,132 @@ def test_quantize_resume_eval_and_compressed_tensors(
         torch.testing.assert_close(theirs(_ids()).logits, native(_ids()).logits,
                                    rtol=1e-4, atol=1e-4)
 
-    # GGUF: refused in one line, naming the family and the format that works
+    # GGUF (group 16: re-solved at group 32 from the source weights): Gemma has no GGUF layout,
+    # and this Gemma 3's layer kinds (one local, one global) are not llama.cpp's (one global in
+    # six): refused in one line, naming the family and the format that works. Phi-3 and Gemma 2
+    # are written (read back by transformers in test_gguf_export_runs_in_transformers...).
     r = forked("export", str(out), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
-    line = one_line_error(r)
-    assert repr(model_type) in line and "compressed-tensors" in line
+    if model_type in ("gemma", "gemma3_text"):
+        line = one_line_error(r)
+        assert model_type in line and "compressed-tensors" in line
+        if model_type == "gemma3_text":
+            assert "layer_types" in line and "one global layer in every 6" in line
+    else:
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / "x.gguf").read_bytes()[:4] == b"GGUF"
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "gguf-q4_k"])
+@pytest.mark.parametrize("model_type,fmt", [("gemma", "gguf"), ("gemma3_text", "gguf-q4_k")])
 def test_quantize_with_format_gguf_is_refused_before_any_work(
-    fmt: str, tiny_model_factory: Callable[..., Path], forked: Zygote, tmp_path: Path
+    model_type: str, fmt: str, tiny_model_factory: Callable[..., Path], forked: Zygote,
+    tmp_path: Path
 ):
-    model = tiny_model_factory("gemma2", **FAMILIES["gemma2"])
+    """Gemma: no GGUF layout. This Gemma 3: one local and one global layer, where llama.cpp's
+    gemma3 fixes one global layer in every six (and its queries scaled by 1/sqrt(256), the
+    query_pre_attn_scalar default, where llama.cpp's would be scaled by 1/sqrt(head_dim))."""
+    model = tiny_model_factory(model_type, **FAMILIES[model_type])
     out = tmp_path / "out"
     line = one_line_error(forked("quantize", str(model), "--out", str(out), *OPTIONS,
                                  "--format", fmt))
-    assert "'gemma2' has no GGUF export" in line and "compressed-tensors" in line
+    if model_type == "gemma":
+        assert "'gemma' has no GGUF export" in line
+    else:
+        assert "gemma3_text with layer_types" in line
+    assert "compressed-tensors" in line
     assert not out.exists() and not (tmp_path / "out.job").exists()
+
+
+# Configs llama.cpp runs as transformers does: Gemma 3 with one global layer in six, queries
+# scaled by 1/sqrt(head_dim) and no logit soft-capping (llama.cpp fixes all three, as the
+# published Gemma 3 configs have them); Phi-3 and Gemma 2 as above.
+GGUF_FAMILIES: dict[str, dict] = {
+    "phi3": FAMILIES["phi3"],
+    # Phi-3 128k / 3.5 / Phi-4-mini: LongRoPE, context 256 over an original 64 (attention
+    # factor sqrt(1 + log 4 / log 64)); the inputs (24 tokens) use the short factors
+    "phi3-longrope": {**FAMILIES["phi3"], "max_position_embeddings": 256,
+                      "original_max_position_embeddings": 64,
+                      "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5,
+                                          "short_factor": [1.0, 1.5, 2.0, 3.0],
+                                          "long_factor": [2.0, 3.0, 4.0, 8.0],
+                                          "original_max_position_embeddings": 64}},
+    "gemma2": FAMILIES["gemma2"],
+    "gemma3_text": {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8,
+                    "query_pre_attn_scalar": 16, "num_hidden_layers": 6},
+}
+
+
+@pytest.mark.parametrize("model_type", list(GGUF_FAMILIES))
+def test_gguf_export_runs_in_transformers_with_the_native_logits(
+    model_type: str, tiny_model_factory: Callable[..., Path], tmp_path: Path
+):
+    """Quantized (4 bits, groups of 32), written as Q4_1 with the output's own codes, and loaded
+    by transformers' GGUF reader: Phi-3's fused attn_qkv / ffn_up (gate | up), Gemma's norms
+    stored as 1 + w (llama.cpp's convention) and read back as w, soft-capping and sliding window
+    from the file's keys. The logits are the native output's, up to the Q8_0 embedding (the
+    head too where tied) and the fp16 block parameters; with the file's embedding and head put
+    into the native model, up to the fp16 block parameters alone."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from neuqi.export import export
+    from neuqi.export.common import ExportSource
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.runner import quantize
+
+    overrides = GGUF_FAMILIES[model_type]
+    model_type = model_type.split("-")[0]
+    model = tiny_model_factory(model_type, **overrides)
+    out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
+                                  seqlen=32, batch_size=3, bits=4, group_size=32,
+                                  method="neuqi"), None, "cpu")
+    file = tmp_path / "m.gguf"
+    report = export(out, "gguf", file)
+    assert report.re_solved == 0 and report.added_loss < 1e-3 * report.native_loss
+    reader = GGUFReader(file)
+    tensors = {t.name: t for t in reader.tensors}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    source = ExportSource(out)
+    config = json.loads((out / "config.json").read_text())
+    if model_type == "phi3":
+        assert fields["general.architecture"] == "phi3"
+        assert fields["phi3.rope.dimension_count"] == 8  # half of head_dim 16 rotates
+        qkv, up = tensors["blk.0.attn_qkv.weight"], tensors["blk.0.ffn_up.weight"]
+        assert tuple(qkv.shape) == (64, 64 + 2 * 32) and tuple(up.shape) == (64, 2 * 128)
+        assert "output.weight" in tensors
+        if "rope_parameters" in overrides:  # as convert_hf_to_gguf writes LongRoPE
+            assert fields["phi3.rope.scaling.original_context_length"] == 64
+            assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(
+                (1 + math.log(4) / math.log(64)) ** 0.5)
+            assert tensors["rope_factors_short.weight"].data.tolist() == [1.0, 1.5, 2.0, 3.0]
+            assert tensors["rope_factors_long.weight"].data.tolist() == [2.0, 3.0, 4.0, 8.0]
+    else:
+        arch = "gemma2" if model_type == "gemma2" else "gemma3"
+        assert fields["general.architecture"] == arch
+        assert fields[f"{arch}.attention.sliding_window"] == 8
+        assert fields.get(f"{arch}.final_logit_softcapping") == (30.0 if arch == "gemma2"
+                                                                 else None)
+        assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+        norm = torch.from_numpy(tensors["blk.0.post_ffw_norm.weight"].data.copy())
+        stored = source.plain("model.layers.0.post_feedforward_layernorm.weight")
+        assert torch.equal(norm, stored.float() + 1)
+        if arch == "gemma3":
+            assert fields["gemma3.rope.freq_base"] == 1e6  # the global layers' (local: 10000)
+            assert "blk.0.attn_q_norm.weight" in tensors
+    theirs = gguf_in_transformers(file)
+    native = load_quantized(out)
+    with torch.no_grad():
+        got, ours = theirs(_ids()).logits, native(_ids()).logits
+        assert (got - ours).abs().max() < 0.05 * ours.abs().max()
+        native.model.embed_tokens.weight.copy_(theirs.model.embed_tokens.weight)
+        if not config.get("tie_word_embeddings", False):
+            native.lm_head.weight.copy_(theirs.lm_head.weight)
+        ours = native(_ids()).logits
+    assert (got - ours).abs().max() < 0.01 * ours.abs().max()
+    text = "The quick brown fox jumps over the lazy dog."
+    mine = AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)(text)["input_ids"][-8:] == (
+        mine[-8:])
 
 
 def test_quantize_with_format_gguf_refuses_a_hub_id_before_any_work(
@@ -178,18 +298,18 @@ def test_quantize_with_format_gguf_refuses_a_hub_id_before_any_work(
 ):
     """A hub id's config.json is read on its own (here offline, from a hub cache laid out as
     huggingface_hub writes it), so the refusal comes before the download and the solve."""
-    model = tiny_model_factory("gemma2", **FAMILIES["gemma2"])
+    model = tiny_model_factory("gemma", **FAMILIES["gemma"])
     cache = tmp_path / "hub"
-    repo = cache / "models--someone--tiny-gemma2"
+    repo = cache / "models--someone--tiny-gemma"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
     shutil.copy(model / "config.json", repo / "snapshots" / ("0" * 40) / "config.json")
     out = tmp_path / "out"
-    line = one_line_error(neuqi("quantize", "someone/tiny-gemma2", "--out", str(out), *OPTIONS,
+    line = one_line_error(neuqi("quantize", "someone/tiny-gemma", "--out", str(out), *OPTIONS,
                                 "--format", "gguf",
                                 env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
-    assert "'gemma2' has no GGUF export" in line
+    assert "'gemma' has no GGUF export" in line
     assert not out.exists() and not (tmp_path / "out.job").exists()
 
 

@@ -5,7 +5,10 @@ them (one tensor per expert and projection; DeepSeek-V3's linears as FP8 with bl
 For each family: the streamed forward equals transformers' whole forward; a real `neuqi quantize`
 process is killed and resumed and must give the uninterrupted run's output bit for bit; the
 output is evaluated and loaded (neuqi's loader through transformers' model classes, and the
-compressed-tensors export unpacked by compressed-tensors itself).
+compressed-tensors export unpacked by compressed-tensors itself). GGUF: Qwen2-MoE and Qwen3-MoE
+are read back by transformers' own GGUF reader with the output's logits; Mixtral (llama.cpp's
+``llama`` with experts, which transformers' reader loads as a dense LLaMA) is checked tensor by
+tensor with the gguf package's reader; DeepSeek-V3 is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import pytest
 import test_reliability as reliability
 import torch
-from helpers import TINY, assert_same_output, one_line_error
+from helpers import TINY, assert_same_output, gguf_in_transformers, neuqi, one_line_error
 from test_reliability import Zygote
 
 from neuqi import faults
@@ -289,7 +292,7 @@ def test_expert_hessian_is_its_routed_tokens_or_all(
 # ------------------------------------------------------------------------------ exports
 
 
-def test_compressed_tensors_export_unpacks_to_the_native_weights_gguf_refused(
+def test_compressed_tensors_export_unpacks_to_the_native_weights(
     moe_models: dict[str, Path], fast_tmp: Path, forked: Zygote,
 ) -> None:
     """transformers 5.25 cannot load an MoE compressed-tensors checkpoint with asymmetric
@@ -320,10 +323,98 @@ def test_compressed_tensors_export_unpacks_to_the_native_weights_gguf_refused(
         torch.testing.assert_close(got.float(), out.dequantized(name), rtol=0, atol=1e-6)
         checked += ".experts." in name
     assert checked == LAYERS * 4 * 3  # every expert's three projections of every layer
-    # GGUF: llama.cpp's MoE tensor layout is not written; refused in one line
-    line = one_line_error(forked("export", str(native), "--format", "gguf",
-                                 "--out", str(fast_tmp / "m.gguf")))
-    assert "mixtral" in line and "GGUF" in line
+
+
+# llama.cpp's qwen2moe has experts in every layer and does not renormalize the top-k weights;
+# the shared expert's width a multiple of the GGUF block (32)
+GGUF_CONFIGS = {"mixtral": {}, "qwen3_moe": {},
+                "qwen2_moe": {"mlp_only_layers": [], "norm_topk_prob": False,
+                              "shared_expert_intermediate_size": 64}}
+
+
+@pytest.mark.parametrize("family", list(GGUF_CONFIGS))
+def test_gguf_export_stacks_the_experts(
+    family: str, tiny_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """4 bits, groups of 32, written as Q4_1 with the output's own codes: each layer's experts
+    stacked into ffn_{gate,up,down}_exps ``[experts, out, in]``, the routers (and Qwen2-MoE's
+    shared expert gate) in F32 as stored. Qwen-MoE: transformers' GGUF reader gives the native
+    logits (up to the Q8_0 embedding and head and the fp16 block parameters). Mixtral: every
+    expert of the stacks is the output's codes with its fp16 block parameters, the router and
+    the expert keys are llama.cpp's."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from neuqi.export import export
+    from neuqi.export.common import ExportSource
+    from neuqi.export.gguf import qk_permutation
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.runner import quantize
+
+    config = tiny_moe_config(family, layers=LAYERS, **GGUF_CONFIGS[family])
+    model = build_from_config(tmp_path / "model", config, seed=1, tokenizer_dir=tiny_tokenizer_dir)
+    out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
+                                  seqlen=32, batch_size=3, bits=4, group_size=32,
+                                  method="neuqi"), None, "cpu")
+    file = tmp_path / "m.gguf"
+    report = export(out, "gguf", file)
+    assert report.re_solved == 0
+    reader = GGUFReader(file)
+    tensors = {t.name: t for t in reader.tensors}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields["general.architecture"]
+    assert arch == {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[family]
+    assert (fields[f"{arch}.expert_count"], fields[f"{arch}.expert_used_count"]) == (4, 2)
+    source = ExportSource(out)
+    names = Checkpoint.open(model).arch.moe.expert_linears
+    for i in range(LAYERS):
+        for kind, proj in zip(("gate", "up", "down"), names, strict=True):
+            t = tensors[f"blk.{i}.ffn_{kind}_exps.weight"]
+            assert t.tensor_type.name == "Q4_1"
+            stack = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            assert stack.shape[0] == 4
+            for e in range(4):
+                lin = source.linear(f"model.layers.{i}.mlp.experts.{e}.{proj}.weight")
+                d = lin.scale.half().float().repeat_interleave(32, 1)
+                m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
+                assert torch.equal(stack[e], d * lin.codes.float() + m), (i, kind, e)
+        router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
+        assert router.tensor_type.name == "F32"
+        assert torch.equal(torch.from_numpy(router.data.copy()),
+                           source.plain(f"model.layers.{i}.mlp.gate.weight").float())
+    if family == "qwen2_moe":
+        assert tensors["blk.0.ffn_gate_inp_shexp.weight"].tensor_type.name == "F32"
+        assert fields["qwen2moe.expert_shared_feed_forward_length"] == 64
+    if family == "mixtral":  # q/k rows permuted as convert_hf_to_gguf does for LLaMA
+        q = torch.from_numpy(dequantize(tensors["blk.0.attn_q.weight"].data, tensors[
+            "blk.0.attn_q.weight"].tensor_type).copy())
+        native = source.linear("model.layers.0.self_attn.q_proj.weight").dequantized()
+        torch.testing.assert_close(q, native[qk_permutation(64, 4)], rtol=0, atol=2e-3)
+        return
+    theirs = gguf_in_transformers(file)
+    ours_model = load_quantized(out)
+    with torch.no_grad():
+        got, ours = theirs(_ids()).logits, ours_model(_ids()).logits
+        assert (got - ours).abs().max() < 0.05 * ours.abs().max()
+        ours_model.model.embed_tokens.weight.copy_(theirs.model.embed_tokens.weight)
+        ours_model.lm_head.weight.copy_(theirs.lm_head.weight)
+        ours = ours_model(_ids()).logits
+    assert (got - ours).abs().max() < 0.01 * ours.abs().max()
+
+
+def test_gguf_refuses_deepseek_and_moe_configs_llama_cpp_runs_differently(
+    moe_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """DeepSeek-V3: no GGUF layout. The fixture's Qwen2-MoE: a dense layer among the MoE ones
+    and renormalized top-k weights, neither of which llama.cpp's qwen2moe has. Both refused by
+    quantize --format gguf in one line before any work."""
+    for family, words in (("deepseek_v3", "'deepseek_v3' has no GGUF export"),
+                          ("qwen2_moe", "qwen2_moe with norm_topk_prob True")):
+        out = tmp_path / family
+        line = one_line_error(neuqi("quantize", str(moe_models[family]), "--out", str(out),
+                                    *OPTIONS, "--format", "gguf"))
+        assert words in line and "compressed-tensors" in line
+        assert not out.exists() and not Path(f"{out}.job").exists()
 
 
 def test_gptq_distillation_and_bad_calibration_refused_for_moe(

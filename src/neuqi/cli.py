@@ -187,9 +187,10 @@ def quantize(
 
 
 def _check_gguf_family(model: str) -> None:
-    """One-line refusal of --format gguf* for a model whose family has no GGUF layout: a local
-    folder's config.json, or a hub id's (fetched alone, or from the local hub cache offline);
-    when neither can be read, the quantize run reports that itself."""
+    """One-line refusal of --format gguf* for a model whose family has no GGUF layout, whose
+    config llama.cpp would run differently, or whose tokenizer the writer cannot write: a local
+    folder's config.json and tokenizer.json, or a hub id's (fetched alone, or from the local hub
+    cache offline); when neither can be read, the quantize run reports that itself."""
     import json
 
     config = Path(model).expanduser() / "config.json"
@@ -201,13 +202,23 @@ def _check_gguf_family(model: str) -> None:
         except Exception:  # noqa: BLE001 - offline, unknown repo, gated: quantize says which
             return
     if config.is_file():
-        from neuqi.export.gguf import check_family
+        from neuqi.export.gguf import check_family, check_tokenizer
 
         try:
-            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            values = json.loads(config.read_text(encoding="utf-8"))
+            values.get("model_type")
         except (ValueError, UnicodeDecodeError, AttributeError):
             return  # the quantize run reports a bad config.json itself
-        check_family(str(model_type), config)
+        check_family(values, config)
+        tokenizer = config.parent / "tokenizer.json"
+        if not tokenizer.is_file() and model.count("/") == 1:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                tokenizer = Path(hf_hub_download(model, "tokenizer.json"))
+            except Exception:  # noqa: BLE001 - offline, none: the quantize run says so
+                return
+        check_tokenizer(tokenizer.parent, missing_ok=True)
 
 
 def _size(text: str | None) -> int | None:

@@ -21,11 +21,24 @@ of a small model is a large part of it), not larger. Tensor names, metadata and
 the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
 ``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
 applies rotary embeddings to interleaved pairs, transformers to halves).
+
+Families (:data:`LAYOUTS`, the one table of what differs per family): LLaMA / Mistral / Mixtral
+(``llama``), Qwen2 / Qwen3, Phi-3 (``phi3``: fused ``attn_qkv`` and ``ffn_up`` = gate | up), Gemma
+2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE. A mixture of experts' expert linears are
+stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers stay F32. What
+llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
+query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
+llama.cpp would run differently from transformers is refused (:func:`check_family`), as is a
+tokenizer the writer cannot write (:func:`check_tokenizer`: SentencePiece-style ones).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +51,314 @@ from neuqi.export.kquants import KSPECS, SUPER, KQuantized, solve_kquant
 from neuqi.solver import quantize_tensor
 
 BLOCK = 32  # weights per Q4_1 / Q5_1 block
-# model_type -> (GGUF architecture, whether q/k rows are permuted as convert_hf_to_gguf does)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-         "qwen3": ("qwen3", False)}
 TYPES = ("Q4_1", "Q5_1", "Q4_K", "Q5_K", "Q2_K")
 _FALLBACK = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q2_K": "Q4_1"}
 _BLOCK_BITS = {"Q4_1": 4, "Q5_1": 5}
 
 
-def check_family(model_type: str, where: object) -> None:
-    """UserError (one line) for a model family this writer has no GGUF layout for."""
-    if model_type not in ARCHS:
+# ------------------------------------------------------------------------------ the families
+def _head_dim(c: Any) -> int:
+    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+
+def _rope(c: Any, kind: str | None = None) -> dict[str, Any]:
+    """The rope parameters of ``c`` (of layer kind ``kind`` where they are per kind)."""
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    if kind is not None and isinstance(rope.get(kind), dict):
+        return rope[kind]
+    if "rope_theta" not in rope and getattr(c, "rope_theta", None) is not None:
+        rope["rope_theta"] = c.rope_theta
+    return rope
+
+
+def _default_rope(c: Any, kind: str | None = None) -> str | None:
+    rope = _rope(c, kind)
+    kind_name = rope.get("rope_type") or "default"
+    if kind_name != "default":
+        return f"rope_type {kind_name!r} (llama.cpp's file would need its scaling, not written)"
+    return None
+
+
+def _swa_pattern(c: Any, every: int) -> str | None:
+    """llama.cpp's Gemma 2/3 fix the layer kinds: layer ``i`` is local unless ``(i + 1) % every
+    == 0`` (llama_hparams::set_swa_pattern)."""
+    want = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+            for i in range(c.num_hidden_layers)]
+    got = list(getattr(c, "layer_types", None) or want)
+    if got != want:
+        full = [i for i, kind in enumerate(got) if kind != "sliding_attention"]
+        return (f"layer_types global at layers {full} of {len(got)} (llama.cpp fixes one global "
+                f"layer in every {every}, the others local)")
+    return None
+
+
+def _query_scale(c: Any, layers_27b: int) -> str | None:
+    """llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim), by 1/sqrt(hidden/heads) for the
+    27B (known by its layer count); transformers by 1/sqrt(query_pre_attn_scalar)."""
+    want = (c.hidden_size // c.num_attention_heads if c.num_hidden_layers == layers_27b
+            else _head_dim(c))
+    if float(c.query_pre_attn_scalar) != float(want):
+        return (f"query_pre_attn_scalar {c.query_pre_attn_scalar} (llama.cpp scales this "
+                f"model's queries by 1/sqrt({want}))")
+    return None
+
+
+def _gelu_tanh(c: Any) -> str | None:
+    act = getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        return f"hidden_activation {act!r} (llama.cpp's Gemma uses the tanh GELU)"
+    return None
+
+
+def _all_sparse(c: Any) -> str | None:
+    from neuqi.architectures import arch_for
+
+    moe = arch_for(c).moe
+    if moe is not None and tuple(moe.sparse_layers) != tuple(range(c.num_hidden_layers)):
+        dense = sorted(set(range(c.num_hidden_layers)) - set(moe.sparse_layers))
+        return (f"dense MLP layers {dense} among the MoE ones (mlp_only_layers / "
+                f"decoder_sparse_step; llama.cpp has experts in every layer)")
+    return None
+
+
+def _phi3_rope_dims(c: Any) -> int:
+    """convert_hf_to_gguf's Phi3MiniModel: ``int(partial_rotary_factor * hidden) // heads``."""
+    factor = float(_rope(c).get("partial_rotary_factor",
+                                getattr(c, "partial_rotary_factor", None) or 1.0))
+    return int(factor * c.hidden_size) // c.num_attention_heads
+
+
+def _phi3_orig_ctx(c: Any) -> int | None:
+    orig = (_rope(c).get("original_max_position_embeddings")
+            or getattr(c, "original_max_position_embeddings", None))
+    return None if orig is None else int(orig)
+
+
+def _longrope_attn_factor(c: Any) -> float:
+    """LongRoPE's cos/sin scale as convert_hf_to_gguf writes it (transformers' default too):
+    ``sqrt(1 + log(s) / log(orig))`` with ``s = max_position_embeddings / orig``, 1 if s <= 1."""
+    orig = _phi3_orig_ctx(c) or int(c.max_position_embeddings)
+    scale = c.max_position_embeddings / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
+
+def _phi3_refuse(c: Any) -> str | None:
+    rope = _rope(c)
+    kind = rope.get("rope_type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ("longrope", "su"):
+        return _default_rope(c)
+    half = _phi3_rope_dims(c) // 2
+    if len(rope.get("long_factor") or ()) != half or len(rope.get("short_factor") or ()) != half:
+        return f"longrope factors not of length {half} (half the rotated dimensions)"
+    ours = _longrope_attn_factor(c)
+    orig = _phi3_orig_ctx(c) or int(c.max_position_embeddings)
+    factor = float(rope.get("factor") or c.max_position_embeddings / orig)
+    theirs = rope.get("attention_factor")  # transformers' scale, as _compute_longrope_parameters
+    if theirs is None:
+        theirs = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+    if not math.isclose(float(theirs), ours, rel_tol=1e-6):
+        return (f"longrope attention scale {float(theirs):.6g} (llama.cpp's phi3: "
+                f"sqrt(1 + log(max_position_embeddings / original) / log(original)) = {ours:.6g})")
+    return None
+
+
+def _phi3_keys(w: Any, c: Any) -> None:
+    import gguf
+
+    w.add_rope_dimension_count(_phi3_rope_dims(c))
+    if _phi3_orig_ctx(c):
+        w.add_rope_scaling_orig_ctx_len(_phi3_orig_ctx(c))
+    w.add_sliding_window(int(getattr(c, "sliding_window", None) or 0))  # 0: no sliding window
+    rope = _rope(c)
+    if (rope.get("rope_type") or "default") in ("longrope", "su"):
+        # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): the per-dimension frequency divisors as two
+        # F32 tensors (llama.cpp picks long or short by its context size), the cos/sin scale key
+        w.add_rope_scaling_attn_factors(_longrope_attn_factor(c))
+        for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                          (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            w.add_tensor(f"{gguf.TENSOR_NAMES[kind]}.weight",
+                         np.asarray(rope[key], dtype=np.float32))
+
+
+def _gemma2_refuse(c: Any) -> str | None:
+    if not getattr(c, "tie_word_embeddings", True):
+        return "an untied lm_head (llama.cpp's gemma2 has no output tensor)"
+    if getattr(c, "attn_logit_softcapping", None) is None:
+        return "no attn_logit_softcapping (llama.cpp's gemma2 always soft-caps attention)"
+    if getattr(c, "final_logit_softcapping", None) is None:
+        return "no final_logit_softcapping (llama.cpp's gemma2 always soft-caps the logits)"
+    return (_default_rope(c) or _swa_pattern(c, 2) or _query_scale(c, 46) or _gelu_tanh(c))
+
+
+def _gemma2_keys(w: Any, c: Any) -> None:
+    w.add_attn_logit_softcapping(float(c.attn_logit_softcapping))
+    w.add_final_logit_softcapping(float(c.final_logit_softcapping))
+    w.add_sliding_window(int(c.sliding_window))
+
+
+def _gemma3_refuse(c: Any) -> str | None:
+    if getattr(c, "attn_logit_softcapping", None) is not None:
+        return "attn_logit_softcapping (llama.cpp's gemma3 does not soft-cap attention)"
+    local = _rope(c, "sliding_attention")
+    if float(local.get("rope_theta", getattr(c, "rope_local_base_freq", 10000.0))) != 10000.0:
+        return (f"local rope base {local.get('rope_theta')} (llama.cpp's gemma3 fixes 10000 for "
+                f"the sliding layers)")
+    if _default_rope(c, "sliding_attention"):
+        return "rope scaling on the sliding layers (llama.cpp's gemma3 scales the global ones)"
+    if (_rope(c, "full_attention").get("rope_type") or "default") not in ("default", "linear"):
+        return _default_rope(c, "full_attention")
+    if _swa_pattern(c, 6) or _query_scale(c, 62) or _gelu_tanh(c):
+        return _swa_pattern(c, 6) or _query_scale(c, 62) or _gelu_tanh(c)
+    if getattr(c, "final_logit_softcapping", None) is not None:  # its local/global graph
+        return "final_logit_softcapping (llama.cpp's gemma3 does not soft-cap the logits)"
+    return None
+
+
+def _gemma3_keys(w: Any, c: Any) -> None:
+    import gguf
+
+    full = _rope(c, "full_attention")
+    w.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))  # the global layers'
+    if (full.get("rope_type") or "default") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(full["factor"]))
+    w.add_sliding_window(int(c.sliding_window))
+
+
+def _experts_keys(w: Any, c: Any) -> None:
+    from neuqi.architectures import arch_for
+
+    moe = arch_for(c).moe
+    assert moe is not None
+    w.add_expert_count(moe.experts)
+    w.add_expert_used_count(int(c.num_experts_per_tok))
+    width = getattr(c, "moe_intermediate_size", None)
+    if width:
+        w.add_expert_feed_forward_length(int(width))
+    shared = getattr(c, "shared_expert_intermediate_size", None)
+    if shared:
+        w.add_expert_shared_feed_forward_length(int(shared))
+
+
+def _topk_norm(want: bool | None) -> Callable[[Any], str | None]:
+    """The refusal of an MoE family whose top-k router weights llama.cpp renormalizes (``want``
+    True), does not (False), or as transformers always does (None: Mixtral)."""
+    def refuse(c: Any) -> str | None:
+        if want is not None and bool(getattr(c, "norm_topk_prob", False)) != want:
+            return (f"norm_topk_prob {getattr(c, 'norm_topk_prob', None)} (llama.cpp "
+                    f"{'renormalizes' if want else 'does not renormalize'} this family's top-k "
+                    f"router weights)")
+        return _default_rope(c) or _all_sparse(c)
+    return refuse
+
+
+def _nothing(_c: Any) -> str | None:
+    return None
+
+
+def _no_keys(_w: Any, _c: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model family is written: llama.cpp's architecture (``gguf.MODEL_ARCH_NAMES``) and
+    what differs from LLaMA's file. Tensor names come from the gguf package's map of that
+    architecture (``self_attn.qkv_proj`` -> ``attn_qkv``, ``mlp.gate`` -> ``ffn_gate_inp``, ...);
+    experts are stacked per layer and projection into ``ffn_{gate,up,down}_exps``."""
+
+    arch: str
+    permute_qk: bool = False  # convert_hf_to_gguf's q/k row permutation (LLaMA's rotary)
+    norm_shift: float = 0.0  # added to every norm weight: Gemma's (1 + w) RMSNorm stored as w + 1
+    keys: Callable[[Any, Any], None] = _no_keys  # the family's metadata beyond LLaMA's
+    # why llama.cpp would run a config differently from transformers (the export is refused)
+    refuse: Callable[[Any], str | None] = _nothing
+    rope_warning: bool = False  # LLaMA-likes: a rope scaling is warned about, not refused
+
+
+_LLAMA = Layout("llama", permute_qk=True, rope_warning=True)
+# model_type -> its GGUF layout: the one place a family's file is described
+LAYOUTS: dict[str, Layout] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": Layout("qwen2", rope_warning=True),
+    "qwen3": Layout("qwen3", rope_warning=True),
+    "phi3": Layout("phi3", keys=_phi3_keys, refuse=_phi3_refuse),
+    "gemma2": Layout("gemma2", norm_shift=1.0, keys=_gemma2_keys, refuse=_gemma2_refuse),
+    "gemma3_text": Layout("gemma3", norm_shift=1.0, keys=_gemma3_keys, refuse=_gemma3_refuse),
+    # experts stacked into ffn_{gate,up,down}_exps; routers (ffn_gate_inp, Qwen2-MoE's shared
+    # expert gate ffn_gate_inp_shexp) in F32; expert count and widths in the keys
+    "mixtral": Layout("llama", permute_qk=True, refuse=_topk_norm(None)),
+    "qwen2_moe": Layout("qwen2moe", refuse=_topk_norm(False)),
+    "qwen3_moe": Layout("qwen3moe", refuse=_topk_norm(True)),
+}
+ARCHS = LAYOUTS  # the families with a GGUF export (model_type -> Layout)
+# an expert linear: model.layers.{bid}.mlp.experts.{e}.{proj}.weight (block_sparse_moe: Mixtral
+# as published, before transformers renames it)
+_EXPERT = re.compile(r"^(?P<layer>.+\.layers\.(?P<bid>\d+))\.(?:mlp|block_sparse_moe)\."
+                     r"experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+_FLOAT_TENSORS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")  # routers: F32
+
+
+def _resolved(config: dict[str, Any] | Any) -> Any:
+    """The transformers config of a config.json dict (its class's defaults filled in)."""
+    if not isinstance(config, dict):
+        return config
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(str(config.get("model_type")), **values)
+    except Exception as e:  # noqa: BLE001 - whatever the config class rejects
+        why = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
+        raise UserError(f"config.json: transformers' {config.get('model_type')} config class "
+                        f"rejects it ({why})") from None
+
+
+def check_family(config: dict[str, Any] | str, where: object) -> None:
+    """UserError (one line) for a model family this writer has no GGUF layout for, or a config
+    of one that llama.cpp would run differently from transformers. ``config``: the config.json
+    dict (or a bare model_type, which checks the family only)."""
+    model_type = config if isinstance(config, str) else str(config.get("model_type"))
+    if model_type not in LAYOUTS:
         raise UserError(
             f"{where}: model_type {model_type!r} has no GGUF export (GGUF: "
-            f"{', '.join(sorted(ARCHS))}); use --format compressed-tensors"
+            f"{', '.join(sorted(LAYOUTS))}); use --format compressed-tensors"
         )
+    if isinstance(config, str):
+        return
+    why = LAYOUTS[model_type].refuse(_resolved(config))
+    if why:
+        raise UserError(f"{where}: {model_type} with {why}: no GGUF export that llama.cpp would "
+                        f"run as transformers does; use --format compressed-tensors")
+
+
+def check_tokenizer(folder: Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """The tokenizer.json of ``folder``; UserError (one line) unless it is a byte-level BPE, the
+    one kind this writer writes (``tokenizer.ggml.model`` gpt2). A SentencePiece-style tokenizer
+    (BPE with byte_fallback, Unigram) would be llama.cpp's ``llama`` vocabulary, which needs the
+    token scores of tokenizer.model; written as gpt2 it would be mis-tokenized, so it is refused."""
+    tj_file = folder / "tokenizer.json"
+    if not tj_file.is_file():
+        if missing_ok:
+            return {}
+        raise UserError(f"{tj_file}: missing; the GGUF export needs the Hugging Face "
+                        f"tokenizer.json (byte-level BPE) beside the output")
+    try:
+        tj = json.loads(tj_file.read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{tj_file}: not a tokenizer.json (unreadable JSON)") from None
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = ("BPE with byte_fallback" if model.get("type") == "BPE"
+                else f"{model.get('type')} model")
+        raise UserError(f"{tj_file}: a SentencePiece-style tokenizer ({kind}); the GGUF export "
+                        f"writes byte-level BPE tokenizers only (llama.cpp's SentencePiece "
+                        f"vocabulary needs token scores it does not write); use --format "
+                        f"compressed-tensors")
+    return tj
 
 
 def default_type(source: ExportSource) -> str:
@@ -145,7 +451,7 @@ def qk_permutation(rows: int, n_head: int) -> torch.Tensor:
 
 def _pre_tokenizer(tokenizer_json: dict[str, Any], model_type: str) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenization (``tokenizer.ggml.pre``)."""
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         return "qwen2"
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
@@ -180,14 +486,27 @@ class GGUFExporter:
         self.qtype = qtype
         self.format_name = f"gguf-{qtype.lower()}"
         config = source.config()
-        self.config = config
         model_type = str(config.get("model_type"))
-        check_family(model_type, source.path / "config.json")
+        check_family(config, source.path / "config.json")
+        self.config = _resolved(config)
         self.model_type = model_type
-        self.arch, self.permute = ARCHS[model_type]
-        self.n_head = int(config["num_attention_heads"])
-        self.n_kv = int(config.get("num_key_value_heads") or self.n_head)
-        self.n_layers = int(config["num_hidden_layers"])
+        self.layout = LAYOUTS[model_type]
+        self.arch, self.permute = self.layout.arch, self.layout.permute_qk
+        self.n_head = int(self.config.num_attention_heads)
+        self.n_kv = int(getattr(self.config, "num_key_value_heads", None) or self.n_head)
+        self.n_layers = int(self.config.num_hidden_layers)
+        from neuqi.architectures import arch_for
+
+        moe = arch_for(self.config).moe
+        self.expert_kinds: dict[str, Any] = {}  # checkpoint projection name -> MODEL_TENSOR
+        if moe is not None:
+            gate, up, down = moe.expert_linears
+            self.expert_kinds = {gate: gguf.MODEL_TENSOR.FFN_GATE_EXP,
+                                 up: gguf.MODEL_TENSOR.FFN_UP_EXP,
+                                 down: gguf.MODEL_TENSOR.FFN_DOWN_EXP}
+        self.n_experts = 0 if moe is None else moe.experts
+        # stacked expert tensors being gathered: GGUF name -> (type, blocks by expert)
+        self._experts: dict[str, tuple[str, list[np.ndarray | None]]] = {}
         self.names = gguf.get_tensor_name_map(
             next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.arch), self.n_layers
         )
@@ -218,6 +537,12 @@ class GGUFExporter:
 
     # --------------------------------------------------------------------------- tensors
     def _gguf_name(self, name: str) -> str:
+        import gguf
+
+        m = _EXPERT.match(name)
+        if m and m["proj"] in self.expert_kinds:
+            kind = self.expert_kinds[m["proj"]]
+            return f"{gguf.TENSOR_NAMES[kind].format(bid=int(m['bid']))}.weight"
         new = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UserError(f"{self.source.path}: tensor {name} has no GGUF name for {self.arch}")
@@ -263,9 +588,28 @@ class GGUFExporter:
         if rows is not None:
             blocks = blocks[rows.numpy()]
         self.types[lin.name] = qtype
-        self.writer.add_tensor(self._gguf_name(lin.name), np.ascontiguousarray(blocks),
-                               raw_dtype=gguf.GGMLQuantizationType[qtype])
+        expert = _EXPERT.match(lin.name)
+        if expert and expert["proj"] in self.expert_kinds:
+            self._add_expert(self._gguf_name(lin.name), int(expert["e"]), qtype, blocks)
+        else:
+            self.writer.add_tensor(self._gguf_name(lin.name), np.ascontiguousarray(blocks),
+                                   raw_dtype=gguf.GGMLQuantizationType[qtype])
         return approx
+
+    def _add_expert(self, gname: str, e: int, qtype: str, blocks: np.ndarray) -> None:
+        """Gather expert ``e``'s blocks of one layer's projection; the 3-D ``[experts, out,
+        blocks]`` tensor llama.cpp reads is written when the layer's last expert has come."""
+        import gguf
+
+        kind, stack = self._experts.setdefault(gname, (qtype, [None] * self.n_experts))
+        if kind != qtype:
+            raise UserError(f"{gname}: experts of one projection written as {kind} and {qtype}; "
+                            f"a stacked GGUF tensor has one type")
+        stack[e] = blocks
+        if all(b is not None for b in stack):
+            self.writer.add_tensor(gname, np.ascontiguousarray(np.stack(stack)),
+                                   raw_dtype=gguf.GGMLQuantizationType[qtype])
+            del self._experts[gname]
 
     def _block_params(self, lin: NativeLinear, bits: int) -> tuple[torch.Tensor, ...]:
         """Codes ``[out, in]`` and per-block d, m ``[out, in/32]`` (float32) for a 32-block type:
@@ -296,46 +640,56 @@ class GGUFExporter:
 
         if name.endswith("rotary_emb.inv_freq"):
             return
-        data = tensor.to(torch.float32).contiguous().numpy()
-        if data.ndim == 2 and data.shape[1] % BLOCK == 0:
+        gname = self._gguf_name(name)
+        data = tensor.to(torch.float32)
+        if self.layout.norm_shift and name.endswith("norm.weight"):
+            data = data + self.layout.norm_shift  # llama.cpp multiplies by the stored weight
+        data = data.contiguous().numpy()
+        if gname.endswith(_FLOAT_TENSORS):  # routers, as convert_hf_to_gguf keeps them
+            self.writer.add_tensor(gname, data.reshape(-1) if data.shape[0] == 1 else data)
+            self.plain_types[name] = "F32"
+        elif data.ndim == 2 and data.shape[1] % BLOCK == 0:
             qtype = gguf.GGMLQuantizationType.Q8_0
-            self.writer.add_tensor(self._gguf_name(name), gguf.quants.quantize(data, qtype),
-                                   raw_dtype=qtype)
+            self.writer.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
             self.plain_types[name] = "Q8_0"
         elif data.ndim == 2:
-            self.writer.add_tensor(self._gguf_name(name), data.astype(np.float16))
+            self.writer.add_tensor(gname, data.astype(np.float16))
             self.plain_types[name] = "F16"
         else:
-            self.writer.add_tensor(self._gguf_name(name), data)
+            self.writer.add_tensor(gname, data)
 
     # --------------------------------------------------------------------------- metadata
     def _metadata(self) -> None:
         import gguf
 
         w, c = self.writer, self.config
-        hidden = int(c["hidden_size"])
-        head_dim = int(c.get("head_dim") or hidden // self.n_head)
-        rope = c.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-        w.add_name(str(c.get("_name_or_path") or self.source.path.name))
-        w.add_context_length(int(c.get("max_position_embeddings", 2048)))
+        hidden = int(c.hidden_size)
+        head_dim = _head_dim(c)
+        rope = _rope(c)
+        w.add_name(str(getattr(c, "_name_or_path", None) or self.source.path.name))
+        w.add_context_length(int(getattr(c, "max_position_embeddings", None) or 2048))
         w.add_embedding_length(hidden)
         w.add_block_count(self.n_layers)
-        w.add_feed_forward_length(int(c["intermediate_size"]))
+        w.add_feed_forward_length(int(c.intermediate_size))
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_kv)
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(float(theta))
-        w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-        w.add_vocab_size(int(c["vocab_size"]))
+        w.add_layer_norm_rms_eps(float(getattr(c, "rms_norm_eps", None) or 1e-6))
+        w.add_vocab_size(int(c.vocab_size))
+        if self.n_experts:
+            _experts_keys(w, c)
+        self.layout.keys(w, c)  # the family's own keys first: a key is written once
+        if gguf.Keys.Rope.DIMENSION_COUNT.format(arch=self.arch) not in _written(w):
+            w.add_rope_dimension_count(head_dim)
+        if gguf.Keys.Rope.FREQ_BASE.format(arch=self.arch) not in _written(w):
+            w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
         ftype = {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
                  "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
                  "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K}[self.qtype]
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if (rope.get("rope_type") or "default") != "default":
+        if self.layout.rope_warning and (rope.get("rope_type") or "default") != "default":
             self._notes.append(f"warning: rope_type {rope.get('rope_type')} is not written to the "
                               f"GGUF; llama.cpp will use plain RoPE")
         self._tokenizer()
@@ -345,17 +699,9 @@ class GGUFExporter:
         from transformers import AutoTokenizer
 
         folder = self.source.path
-        tj_file = folder / "tokenizer.json"
-        if not tj_file.is_file():
-            raise UserError(f"{tj_file}: missing; the GGUF export needs the Hugging Face "
-                            f"tokenizer.json (byte-level BPE) beside the output")
-        tj = json.loads(tj_file.read_text(encoding="utf-8"))
-        model = tj.get("model") or {}
-        if model.get("type") != "BPE" or model.get("byte_fallback"):
-            raise UserError(f"{tj_file}: the GGUF export supports byte-level BPE tokenizers only "
-                            f"(not SentencePiece-style ones)")
+        tj = check_tokenizer(folder)
         tok = AutoTokenizer.from_pretrained(str(folder))
-        vocab_size = int(self.config["vocab_size"])
+        vocab_size = int(self.config.vocab_size)
         reverse = {i: t for t, i in tok.get_vocab().items()}
         added = tok.added_tokens_decoder
         tokens: list[str] = []
@@ -384,6 +730,10 @@ class GGUFExporter:
 
     # --------------------------------------------------------------------------- finishing
     def finalize(self, report: dict[str, Any]) -> Path:
+        if self._experts:
+            missing = sorted(self._experts)
+            raise UserError(f"{self.source.path}: experts missing from the output for "
+                            f"{', '.join(missing)}; it is not a complete MoE output")
         self.writer.add_string("neuqi.export", json.dumps(report))
         w = self.writer
         w.write_header_to_file(self.target.temp)
@@ -397,6 +747,11 @@ class GGUFExporter:
             self.writer.close()
         finally:
             self.target.abort()
+
+
+def _written(writer: Any) -> set[str]:
+    """The metadata keys ``writer`` holds so far."""
+    return {k for shard in writer.kv_data for k in shard}
 
 
 def _fp16_t(t: torch.Tensor) -> torch.Tensor:
