@@ -124,8 +124,10 @@ def test_streamed_forward_equals_transformers(family: str, moe_models: dict[str,
 
 def test_layouts_of_the_families(moe_models: dict[str, Path]) -> None:
     mixtral = Checkpoint.open(moe_models["mixtral"]).arch
-    assert mixtral.linears_of(0)[4:7] == ("mlp.experts.0.w1", "mlp.experts.0.w3",
-                                          "mlp.experts.0.w2")
+    # as the published checkpoints (and transformers' save_pretrained) name them
+    assert mixtral.linears_of(0)[4:7] == ("block_sparse_moe.experts.0.w1",
+                                          "block_sparse_moe.experts.0.w3",
+                                          "block_sparse_moe.experts.0.w2")
     assert len(mixtral.linears_of(0)) == 4 + 4 * 3
     qwen2 = Checkpoint.open(moe_models["qwen2_moe"]).arch
     assert qwen2.moe is not None and qwen2.moe.sparse_layers == (0,)  # mlp_only_layers [1]
@@ -138,7 +140,7 @@ def test_layouts_of_the_families(moe_models: dict[str, Path]) -> None:
                                       "self_attn.q_b_proj", "self_attn.kv_b_proj")
     assert "mlp.shared_experts.gate_proj" in arch.linears_of(1)
     for a in (mixtral, qwen2, arch):  # the routers (and Qwen2-MoE's shared gate) stay as stored
-        assert not any(n.endswith(("mlp.gate", "shared_expert_gate"))
+        assert not any(n.endswith((".gate", "shared_expert_gate"))
                        for i in range(LAYERS) for n in a.linears_of(i))
     layer = build_layer(deepseek, 1, "cpu", torch.float32)
     assert isinstance(layer.mlp.experts, ExpertLinears) and len(layer.mlp.experts) == 4
@@ -225,7 +227,7 @@ def test_quantize_killed_and_resumed_then_eval_and_load(
     quantized = set(meta["quantized"])
     assert quantized == {f"{arch.layer_prefix(i)}{lin}.weight"
                          for i in range(LAYERS) for lin in arch.linears_of(i)}
-    assert f"{arch.layer_prefix(sparse[0])}mlp.gate.weight" in meta["unquantized"]  # router
+    assert f"{arch.layer_prefix(sparse[0])}{arch.moe.router}.weight" in meta["unquantized"]
     assert not any(n.endswith("weight_scale_inv") for n in meta["unquantized"])
 
     # eval, streamed from the output; and the whole model through transformers' classes
@@ -366,7 +368,8 @@ def test_gguf_export_stacks_the_experts(
     assert arch == {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[family]
     assert (fields[f"{arch}.expert_count"], fields[f"{arch}.expert_used_count"]) == (4, 2)
     source = ExportSource(out)
-    names = Checkpoint.open(model).arch.moe.expert_linears
+    moe = Checkpoint.open(model).arch.moe
+    names = moe.expert_linears
     for i in range(LAYERS):
         for kind, proj in zip(("gate", "up", "down"), names, strict=True):
             t = tensors[f"blk.{i}.ffn_{kind}_exps.weight"]
@@ -374,14 +377,14 @@ def test_gguf_export_stacks_the_experts(
             stack = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
             assert stack.shape[0] == 4
             for e in range(4):
-                lin = source.linear(f"model.layers.{i}.mlp.experts.{e}.{proj}.weight")
+                lin = source.linear(f"model.layers.{i}.{moe.expert(e, proj)}.weight")
                 d = lin.scale.half().float().repeat_interleave(32, 1)
                 m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
                 assert torch.equal(stack[e], d * lin.codes.float() + m), (i, kind, e)
         router = tensors[f"blk.{i}.ffn_gate_inp.weight"]
         assert router.tensor_type.name == "F32"
         assert torch.equal(torch.from_numpy(router.data.copy()),
-                           source.plain(f"model.layers.{i}.mlp.gate.weight").float())
+                           source.plain(f"model.layers.{i}.{moe.router}.weight").float())
     if family == "qwen2_moe":
         assert tensors["blk.0.ffn_gate_inp_shexp.weight"].tensor_type.name == "F32"
         assert fields["qwen2moe.expert_shared_feed_forward_length"] == 64

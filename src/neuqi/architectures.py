@@ -9,7 +9,7 @@ model family starts here: an :class:`ArchSpec` (or a family added to one) and it
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,16 +26,31 @@ class MoELayout:
     """Where a mixture-of-experts model's experts are (filled from the config by :func:`arch_for`).
 
     ``expert_linears``: the checkpoint's per-expert names of (gate, up, down), e.g. Mixtral's
-    ``("w1", "w3", "w2")``; an expert's weight is ``mlp.experts.{e}.{name}.weight``. ``shared``:
-    the shared expert's module (``mlp.shared_expert`` / ``mlp.shared_experts``) or ``""``.
+    ``("w1", "w3", "w2")``; an expert's weight is ``{block}.experts.{e}.{name}.weight``.
+    ``block``: the MoE block's module name in the checkpoint: ``mlp``, or Mixtral's
+    ``block_sparse_moe`` as published (transformers renames it to ``mlp`` on load and back on
+    save); ``other_blocks``: the other names a checkpoint of the family may use (Mixtral re-saved
+    in transformers' names: ``mlp``), picked by :meth:`ArchSpec.for_names`. ``shared``: the
+    shared expert's module (``mlp.shared_expert`` / ``mlp.shared_experts``) or ``""``.
     ``sparse_layers``: the layers whose MLP is the MoE block (the others are dense MLPs).
-    The router (``mlp.gate``) and Qwen2-MoE's ``shared_expert_gate`` stay in full precision.
+    The router (``{block}.gate``) and Qwen2-MoE's ``shared_expert_gate`` stay in full precision.
     """
 
     experts: int
     expert_linears: tuple[str, str, str]
     sparse_layers: tuple[int, ...]
     shared: str = ""
+    block: str = "mlp"
+    other_blocks: tuple[str, ...] = ()
+
+    @property
+    def router(self) -> str:
+        """The router's module name in a decoder layer (``mlp.gate``, ``block_sparse_moe.gate``)."""
+        return f"{self.block}.gate"
+
+    def expert(self, e: int, linear: str) -> str:
+        """Expert ``e``'s projection ``linear`` (a name of ``expert_linears``) in a layer."""
+        return f"{self.block}.experts.{e}.{linear}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,31 @@ class ArchSpec:
         """The input (Hessian) group of ``linear`` in decoder layer ``index``."""
         return _group_by_linear(self.groups(index))[linear]
 
+    def for_names(self, names: Collection[str]) -> ArchSpec:
+        """This spec in the MoE block name that a checkpoint's tensor ``names`` use (Mixtral:
+        ``block_sparse_moe`` as published, or ``mlp``); the published name where none of them
+        holds the first sparse layer's first expert (its absence is then reported as missing)."""
+        moe = self.moe
+        if moe is None or not moe.other_blocks or not moe.sparse_layers:
+            return self
+        prefix = self.layer_prefix(moe.sparse_layers[0])
+        for block in (moe.block, *moe.other_blocks):
+            if f"{prefix}{block}.experts.0.{moe.expert_linears[0]}.weight" in names:
+                return self.with_block(block)
+        return self
+
+    def with_block(self, block: str) -> ArchSpec:
+        """This spec with the MoE block named ``block`` (one of the family's names)."""
+        moe = self.moe
+        if moe is None or block == moe.block:
+            return self
+        names = (moe.block, *moe.other_blocks)
+        if block not in names:
+            raise UserError(f"MoE block name {block!r}: this family's checkpoints use "
+                            f"{' or '.join(names)}")
+        others = tuple(b for b in names if b != block)
+        return replace(self, moe=replace(moe, block=block, other_blocks=others))
+
     def layer_prefix(self, index: int) -> str:
         """Prefix of decoder layer ``index``'s tensor names, with the trailing dot."""
         return f"{self.layers_prefix}.{index}."
@@ -131,8 +171,8 @@ def _moe_groups(linear_groups: tuple[tuple[str, tuple[str, ...]], ...], moe: MoE
                 ("shared_out", (f"{moe.shared}.down_proj",))]
     gate, up, down = moe.expert_linears
     for e in range(moe.experts):
-        out += [(f"e{e}_in", (f"mlp.experts.{e}.{gate}", f"mlp.experts.{e}.{up}")),
-                (f"e{e}_out", (f"mlp.experts.{e}.{down}",))]
+        out += [(f"e{e}_in", (moe.expert(e, gate), moe.expert(e, up))),
+                (f"e{e}_out", (moe.expert(e, down),))]
     return tuple(out)
 
 
@@ -226,8 +266,12 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return getattr(config, key, default)
 
 
-def arch_for(config: Any) -> ArchSpec:
-    """The ArchSpec of a transformers config (or a config.json dict); UserError if unsupported."""
+def arch_for(config: Any, names: Collection[str] | None = None) -> ArchSpec:
+    """The ArchSpec of a transformers config (or a config.json dict); UserError if unsupported.
+    ``names``: the checkpoint's tensor names, where known: the MoE block is then named as they
+    name it (:meth:`ArchSpec.for_names`), else as the family's published checkpoints do."""
+    if names is not None:
+        return arch_for(config).for_names(names)
     model_type = _get(config, "model_type")
     archs = _get(config, "architectures") or []
     shown = f"model_type {model_type!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
@@ -279,8 +323,9 @@ def _moe_arch(config: Any, model_type: str) -> ArchSpec:
                       *groups[2:])
         return replace(_DEEPSEEK, linear_groups=groups, moe=layout)
     if model_type == "mixtral":
+        # published as block_sparse_moe; transformers' own name (mlp) also read
         layout = MoELayout(int(_get(config, "num_local_experts", 8)), ("w1", "w3", "w2"),
-                           tuple(range(layers)))
+                           tuple(range(layers)), block="block_sparse_moe", other_blocks=("mlp",))
     else:
         experts = int(_get(config, "num_experts", None) or _get(config, "num_local_experts", None)
                       or (60 if model_type == "qwen2_moe" else 128))

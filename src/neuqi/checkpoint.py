@@ -191,6 +191,7 @@ class Checkpoint:
         config._attn_implementation = arch.attn_implementation(config)  # eager to soft-cap
 
         weight_map = _weight_map(path)
+        arch = arch.for_names(weight_map)  # the MoE block as the checkpoint names it (Mixtral)
         headers: dict[str, dict[str, Any]] = {}
         hashes: dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):

@@ -124,7 +124,7 @@ class OutputModel:
         self.out = NeuqiOutput.open(path)
         self.path = self.out.path
         self.config = _load_config(self.path)
-        self.arch = arch_for(self.config)
+        self.arch = arch_for(self.config, [*self.out.weight_map, *self.out.quantized])
         self.config._attn_implementation = self.arch.attn_implementation(self.config)
         self.layer_count = int(self.config.num_hidden_layers)
 
@@ -152,7 +152,7 @@ class OutputModel:
         if not 0 <= index < self.layer_count:
             raise IndexError(f"layer {index} out of range (model has {self.layer_count})")
         prefix = self.arch.layer_prefix(index)
-        layer = new_layer(self.config, index)
+        layer = new_layer(self.config, index, self.arch)
         stored = set(self.out.weight_map) | set(self.out.quantized)
         used: set[str] = set()
         for linear in self.arch.linears_of(index):

@@ -316,7 +316,7 @@ def load_quantized(
     path = out.path
     device = torch.device(device)
     config = _load_config(path)
-    arch = arch_for(config)
+    arch = arch_for(config, [*out.quantized, *out.plain_names])  # MoE block: as stored
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=arch.attn_implementation(config)

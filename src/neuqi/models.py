@@ -62,14 +62,15 @@ def decoder_layer_class(config: Any) -> type[nn.Module]:
     return _family_class(config, "DecoderLayer")
 
 
-def new_layer(config: Any, index: int) -> nn.Module:
+def new_layer(config: Any, index: int, arch: ArchSpec | None = None) -> nn.Module:
     """Decoder layer ``index`` of ``config``'s family on the meta device, a mixture of experts
-    with one linear per expert projection (:func:`neuqi.moe.unfuse_experts`)."""
+    with one linear per expert projection under ``arch``'s names (a checkpoint's
+    ``Checkpoint.arch``; default: the family's published names; :func:`neuqi.moe.unfuse_experts`)."""
     from neuqi.moe import unfuse_experts
 
     with torch.device("meta"):
         layer = decoder_layer_class(config)(config, index)
-    return unfuse_experts(layer, arch_for(config))
+    return unfuse_experts(layer, arch or arch_for(config))
 
 
 def _materialise(
@@ -115,7 +116,7 @@ def build_layer(
     """
     if not 0 <= index < ckpt.layer_count:
         raise IndexError(f"layer {index} out of range (model has {ckpt.layer_count})")
-    layer = new_layer(ckpt.config, index)
+    layer = new_layer(ckpt.config, index, ckpt.arch)
     return _materialise(layer, ckpt, ckpt.arch.layer_prefix(index), device, dtype)
 
 

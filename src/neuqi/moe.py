@@ -2,11 +2,13 @@
 
 transformers (5.x) fuses a layer's experts into 3-D parameters (``gate_up_proj [E, 2I, H]``,
 ``down_proj [E, H, I]``), while checkpoints on disk keep one tensor per expert and projection
-(``mlp.experts.{e}.w1/w3/w2`` for Mixtral, ``gate_proj/up_proj/down_proj`` for Qwen-MoE and
-DeepSeek-V3). :func:`unfuse_experts` swaps each fused experts module of a transformers layer or
-model for :class:`ExpertLinears`, whose submodules carry the checkpoint's names, so that every
-expert's projection is just another linear: read alone, solved alone, hooked alone for its
-Hessian. The router (``mlp.gate``) and the rest of the MoE block stay transformers' own code.
+(``block_sparse_moe.experts.{e}.w1/w3/w2`` for Mixtral as published, ``mlp.experts.{e}.
+gate_proj/up_proj/down_proj`` for Qwen-MoE and DeepSeek-V3). :func:`unfuse_experts` swaps each
+fused experts module of a transformers layer or model for :class:`ExpertLinears`, whose
+submodules carry the checkpoint's names (the MoE block too: Mixtral's ``block_sparse_moe``, which
+transformers renames ``mlp``), so that every expert's projection is just another linear: read
+alone, solved alone, hooked alone for its Hessian. The router (``{block}.gate``) and the rest of
+the MoE block stay transformers' own code.
 
 Hessian calibration (``--moe-calibration``): with ``routed`` each expert's linears see only the
 tokens the router sends to them (their Hessian is the routed tokens'); with ``all``
@@ -15,8 +17,6 @@ accumulated (its output for the unrouted tokens is discarded, so the layer's out
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +93,11 @@ def _fused(module: nn.Module) -> bool:
 def unfuse_experts(root: nn.Module, arch: ArchSpec) -> nn.Module:
     """Replace every fused experts module under ``root`` (a decoder layer or a whole model) by an
     :class:`ExpertLinears` with ``arch``'s per-expert names, built on the same device (meta for
-    a layer being built); returns ``root``."""
+    a layer being built) and holding the fused module's weights where it has any; returns
+    ``root``. Its MoE block is registered under the checkpoint's block name
+    (``arch.moe.block``, e.g. Mixtral's published ``block_sparse_moe``), so that the module
+    names, the state dict and the checkpoint's tensor names are one set; transformers' forward
+    still finds it as ``mlp``."""
     if arch.moe is None:
         return root
     for name, module in list(root.named_modules()):
@@ -106,9 +110,35 @@ def unfuse_experts(root: nn.Module, arch: ArchSpec) -> nn.Module:
                 Expert(hidden, two_i // 2, arch.moe.expert_linears, module.act_fn)
                 for _ in range(experts)
             )
+        if device.type != "meta":
+            _copy_fused(module, new)
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, child, new)
+        _name_block(root, parent, arch.moe.block)
     return root
+
+
+def _copy_fused(fused: nn.Module, experts: ExpertLinears) -> None:
+    """The fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` into each expert."""
+    with torch.no_grad():
+        for e, expert in enumerate(experts):
+            gate, up, down = (getattr(expert, n) for n in expert.names)
+            g, u = fused.gate_up_proj[e].chunk(2, dim=0)
+            gate.weight.copy_(g)
+            up.weight.copy_(u)
+            down.weight.copy_(fused.down_proj[e])
+
+
+def _name_block(root: nn.Module, path: str, block: str) -> None:
+    """Register the MoE block at ``path`` (``...layers.{i}.mlp``) under its decoder layer as
+    ``block``; the layer keeps ``mlp`` as a plain attribute (not a submodule) for its forward."""
+    layer_path, _, child = path.rpartition(".")
+    if child == block:
+        return
+    layer = root.get_submodule(layer_path) if layer_path else root
+    module = layer._modules.pop(child)
+    layer.add_module(block, module)
+    object.__setattr__(layer, child, module)  # seen by `self.mlp`, not by named_modules
 
 
 def calibrate_all_tokens(layer: nn.Module, on: bool) -> None:
@@ -116,25 +146,3 @@ def calibrate_all_tokens(layer: nn.Module, on: bool) -> None:
     for module in layer.modules():
         if isinstance(module, ExpertLinears):
             module.all_tokens = on
-
-
-def experts_state_from_fused(state: dict[str, Any], arch: ArchSpec) -> dict[str, Any]:
-    """A transformers state dict with fused experts (``...experts.gate_up_proj [E, 2I, H]``,
-    ``...experts.down_proj [E, H, I]``) in the checkpoint's per-expert names."""
-    assert arch.moe is not None
-    gate, up, down = arch.moe.expert_linears
-    out = {}
-    for key, t in state.items():
-        if key.endswith("experts.gate_up_proj"):
-            base = key[: -len("gate_up_proj")]
-            g, u = t.chunk(2, dim=1)
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.{gate}.weight"] = g[e].contiguous()
-                out[f"{base}{e}.{up}.weight"] = u[e].contiguous()
-        elif key.endswith("experts.down_proj"):
-            base = key[: -len("down_proj")]
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.{down}.weight"] = t[e].contiguous()
-        else:
-            out[key] = t
-    return out

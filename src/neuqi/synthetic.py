@@ -318,13 +318,15 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def build_from_config(folder: Path, config: object, *, seed: int = 0,
-                      tokenizer_dir: Path | None = None, fp8_block: int = 0) -> Path:
+                      tokenizer_dir: Path | None = None, fp8_block: int = 0,
+                      moe_block: str | None = None) -> Path:
     """A seeded random checkpoint of any supported ``config`` (transformers config object):
-    config.json, one model.safetensors in the checkpoint's own names (an MoE layer's experts one
-    tensor per expert and projection, as published checkpoints store them) and a tokenizer
-    (copied from ``tokenizer_dir``, else trained). ``fp8_block``: store every decoder-layer
-    linear but the router as float8_e4m3fn with ``weight_scale_inv`` block scales, as
-    DeepSeek-V3's checkpoints do."""
+    config.json, one model.safetensors in the published checkpoints' names (an MoE layer's
+    experts one tensor per expert and projection, Mixtral's MoE block as ``block_sparse_moe``)
+    and a tokenizer (copied from ``tokenizer_dir``, else trained). ``fp8_block``: store every
+    decoder-layer linear but the router as float8_e4m3fn with ``weight_scale_inv`` block scales,
+    as DeepSeek-V3's checkpoints do. ``moe_block``: name the MoE block so instead (one of the
+    family's names: ``"mlp"`` for a Mixtral re-saved in transformers' module names)."""
     import shutil
 
     import torch
@@ -332,7 +334,7 @@ def build_from_config(folder: Path, config: object, *, seed: int = 0,
     from transformers import AutoModelForCausalLM
 
     from neuqi.architectures import arch_for
-    from neuqi.moe import experts_state_from_fused
+    from neuqi.moe import unfuse_experts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -340,9 +342,10 @@ def build_from_config(folder: Path, config: object, *, seed: int = 0,
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
     arch = arch_for(config)
+    if moe_block is not None:
+        arch = arch.with_block(moe_block)
+    unfuse_experts(model, arch)  # the module names (and so the state dict's) are the checkpoint's
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
-    if arch.moe is not None:
-        state = experts_state_from_fused(state, arch)
     if getattr(config, "tie_word_embeddings", False):
         state.pop(arch.lm_head, None)
     if fp8_block:

@@ -176,7 +176,7 @@ def read_shape(model: str) -> ModelShape:
         config, tensors = _hub_files(model)
     else:
         raise UserError(f"{model}: no such model folder")
-    arch = arch_for(config)
+    arch = arch_for(config, tensors)  # MoE block (Mixtral): as the checkpoint names it
     layers = int(config.get("num_hidden_layers", 0))
     if layers < 1:
         raise UserError(f"{model}: config.json has no num_hidden_layers")

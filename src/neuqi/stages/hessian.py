@@ -70,8 +70,8 @@ def batch_sums(
     current: dict[str, tuple[torch.Tensor, int]] = {}
     hooks = []
     hooked = [(g, names[0]) for g, names in arch.groups(layer_index)]
-    if arch.is_moe_layer(layer_index):
-        hooked.append((MOE_ALL, "mlp.gate"))
+    if arch.moe is not None and arch.is_moe_layer(layer_index):
+        hooked.append((MOE_ALL, arch.moe.router))
     for group, first in hooked:
         module = layer.get_submodule(first)
 

@@ -41,7 +41,7 @@ def load_layer(
             for linear in ckpt.arch.linears_of(index):
                 layer.get_submodule(linear).weight.data = source(linear)
     else:
-        layer = new_layer(ckpt.config, index)
+        layer = new_layer(ckpt.config, index, ckpt.arch)
         linear_weights = {f"{linear}.weight" for linear in ckpt.arch.linears_of(index)}
         state = {k: ckpt.read(prefix + k, device=device, dtype=dtype)
                  for k in layer.state_dict() if k not in linear_weights}
