@@ -146,6 +146,99 @@ def test_layouts_of_the_families(moe_models: dict[str, Path]) -> None:
     assert isinstance(layer.mlp.experts, ExpertLinears) and len(layer.mlp.experts) == 4
 
 
+def test_mixtral_fixture_has_the_names_transformers_saves(
+    moe_models: dict[str, Path], tmp_path: Path,
+) -> None:
+    """The fixture's Mixtral tensor names are those transformers' own ``save_pretrained`` writes
+    for a MixtralForCausalLM (it reverses its ``block_sparse_moe`` -> ``mlp`` renaming and the
+    fused experts on save): ``block_sparse_moe.gate`` and ``block_sparse_moe.experts.{e}.w1/w2/w3``,
+    the names of the published Mixtral-8x7B / 8x22B checkpoints."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("mixtral", layers=LAYERS))
+    model.save_pretrained(tmp_path / "saved")
+    names = []
+    for folder in (tmp_path / "saved", moe_models["mixtral"]):
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1]
+    assert "model.layers.1.block_sparse_moe.gate.weight" in names[0]
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in names[0]
+    assert not any(".mlp." in n for n in names[0])
+
+
+@pytest.mark.parametrize("block", ["block_sparse_moe", "mlp"])
+def test_mixtral_in_either_block_name_quantizes_loads_and_exports(
+    block: str, tiny_tokenizer_dir: Path, tmp_path: Path,
+) -> None:
+    """A Mixtral checkpoint as published (``block_sparse_moe``) or re-saved in transformers'
+    module names (``mlp``): neuqi reads the experts and the router under the checkpoint's own
+    name, writes the output in it (transformers' renaming then applies to the output as to the
+    original), and the loader, the plan and both exports read it."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from neuqi.export import export
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.plan import read_shape
+    from neuqi.pipeline.runner import quantize
+
+    config = tiny_moe_config("mixtral", layers=LAYERS)
+    model = build_from_config(tmp_path / "model", config, seed=1, tokenizer_dir=tiny_tokenizer_dir,
+                              moe_block=block)
+    ckpt = Checkpoint.open(model)
+    assert ckpt.arch.moe is not None and ckpt.arch.moe.block == block
+    assert ckpt.arch.linears_of(1)[-1] == f"{block}.experts.3.w2"
+    ids = _ids()
+    with torch.no_grad():  # transformers' own loading renames and fuses either naming
+        theirs = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)(ids).logits
+        original = _streamed(ckpt, ids)
+    torch.testing.assert_close(original, theirs, rtol=1e-4, atol=1e-4)
+    shape = read_shape(str(model))  # neuqi plan: the experts found under the checkpoint's name
+    assert sum(n.startswith(f"{block}.experts.") for n, _, _ in shape.linears) == 3 * 4
+
+    out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
+                                  seqlen=32, batch_size=3, bits=4, group_size=32,
+                                  method="neuqi-int"), None, "cpu")
+    meta = json.loads((Path(out) / "neuqi.json").read_text())
+    assert set(meta["quantized"]) == {f"model.layers.{i}.{lin}.weight"
+                                      for i in range(LAYERS) for lin in ckpt.arch.linears_of(i)}
+    assert f"model.layers.0.{block}.gate.weight" in meta["unquantized"]  # the router, as stored
+    with torch.no_grad():
+        loaded = load_quantized(out)(ids).logits
+    assert loaded.isfinite().all()
+    err = float((loaded - original).abs().mean() / original.abs().mean())
+    assert 0 < err < 0.5
+
+    ct = tmp_path / "ct"
+    export(out, "compressed-tensors", ct)
+    index = json.loads((ct / "model.safetensors.index.json").read_text())["weight_map"]
+    assert f"model.layers.1.{block}.experts.3.w2.weight_packed" in index
+    assert f"model.layers.1.{block}.gate.weight" in index
+    report = export(out, "gguf", tmp_path / "m.gguf")
+    assert report.re_solved == 0
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    for i in range(LAYERS):
+        assert tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type.name == "Q4_1"
+        assert tensors[f"blk.{i}.ffn_gate_inp.weight"].tensor_type.name == "F32"
+
+
+def test_mixtral_block_name_is_resolved_from_the_checkpoint(moe_models: dict[str, Path]) -> None:
+    config = Checkpoint.open(moe_models["mixtral"]).config
+    published = arch_for(config)
+    assert published.moe is not None and published.moe.block == "block_sparse_moe"
+    names = {"model.layers.0.mlp.experts.0.w1.weight"}
+    assert arch_for(config, names).linears_of(0)[4] == "mlp.experts.0.w1"
+    assert arch_for(config, set()).moe == published.moe  # neither: reported missing as published
+    from neuqi.errors import UserError
+
+    with pytest.raises(UserError, match="block_sparse_moe or mlp"):
+        published.with_block("moe")
+    qwen = arch_for(tiny_moe_config("qwen3_moe", layers=LAYERS))
+    assert qwen.for_names({"model.layers.0.block_sparse_moe.experts.0.gate_proj.weight"}) is qwen
+
+
 def test_expert_by_expert_streaming_gives_the_whole_layers_output(
     moe_models: dict[str, Path],
 ) -> None:
