@@ -110,7 +110,8 @@ def unfuse_experts(root: nn.Module, arch: ArchSpec) -> nn.Module:
                 Expert(hidden, two_i // 2, arch.moe.expert_linears, module.act_fn)
                 for _ in range(experts)
             )
-        if device.type != "meta":
+        if device.type != "meta":  # a model with weights (a test checkpoint being written)
+            new.to(module.gate_up_proj.dtype)
             _copy_fused(module, new)
         parent, _, child = name.rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, child, new)
@@ -133,7 +134,7 @@ def _name_block(root: nn.Module, path: str, block: str) -> None:
     """Register the MoE block at ``path`` (``...layers.{i}.mlp``) under its decoder layer as
     ``block``; the layer keeps ``mlp`` as a plain attribute (not a submodule) for its forward."""
     layer_path, _, child = path.rpartition(".")
-    if child == block:
+    if not child or child == block:
         return
     layer = root.get_submodule(layer_path) if layer_path else root
     module = layer._modules.pop(child)
