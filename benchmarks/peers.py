@@ -13,8 +13,10 @@ Rows, each at w2g64, w3g64 and w4g64 (asymmetric integer weights, groups of 64 i
   benchmarks/quality.py runs it: ``neuqi quantize smollm2 --out OUT --bits B --group-size 64
   --method neuqi [--gptq] --calib FILE --nsamples 16 --seqlen 512 --seed 0 --device cpu``.
 - ``autoround``: AutoRound (package ``auto-round``, SignRound) with its defaults (iters 200,
-  batch 8, its learning rate and so on) but our calibration windows; ``--iters`` changes the
-  tuning steps (stored with the row).
+  batch 8, its learning rate, bf16 autocast and ``torch.compile`` on the CPU, and so on) but our
+  calibration windows and ``sym=False``; ``--iters`` changes the tuning steps (stored with the
+  row). It is by far the slowest row on a CPU: about 160 s a decoder block at iters 200 on one
+  busy core (SmolLM2 has 30), so tens of minutes for each setting.
 - ``gptq``: GPTQ from llm-compressor (``oneshot`` with a ``GPTQModifier``: its defaults of block
   size, dampening and activation order) on every Linear but lm_head.
 - ``hqq``: HQQ (package ``hqq``, calibration-free) with its defaults (``BaseQuantizeConfig``:
@@ -37,6 +39,9 @@ quantized (every group of 64 of every decoder linear holds at most 2^bits distin
 row gets that one-line error) before ``neuqi eval DIR --data data/wikitext2-test.raw --seqlen 2048
 --max-windows 8 --device cpu --json`` in this (the project's) Python, the command quality.py uses,
 so the numbers compare with the quality table's. The full-precision row is ``neuqi eval smollm2``.
+
+The peers load the float checkpoint in float32 (the evaluator's precision) and quantize every
+decoder linear (lm_head, tied to the embedding, stays in float, as in NeUQI's rows).
 
 The time of a row is the wall time of the tool's quantize call (``AutoRound(...).quantize()``,
 ``oneshot(...)``, ``AutoHQQHFModel.quantize_model(...)``; not loading or saving the model) and

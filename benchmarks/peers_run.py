@@ -76,6 +76,7 @@ def autoround(model: Any, tokenizer: Any, windows: Any, args: argparse.Namespace
     rounder = AutoRound(model, tokenizer, dataset=samples, **settings)
     rounder.quantize()
     seconds = time.perf_counter() - start
+    settings["torch_compile"] = getattr(rounder, "enable_torch_compile", None)
     return {"seconds": seconds, "settings": settings, "model": rounder.model}
 
 
@@ -100,7 +101,9 @@ def gptq(model: Any, tokenizer: Any, windows: Any, args: argparse.Namespace) -> 
     })
     settings = {"bits": args.bits, "group_size": args.group_size, "symmetric": False,
                 "nsamples": len(windows), "seqlen": windows.shape[1],
-                "recipe": "GPTQModifier(config_groups=int group, ignore=[lm_head]), defaults"}
+                "block_size": recipe.block_size, "dampening_frac": recipe.dampening_frac,
+                "actorder": str(getattr(recipe.actorder, "value", recipe.actorder)),
+                "ignore": ["lm_head"]}
     start = time.perf_counter()
     quantized = oneshot(model=model, tokenizer=tokenizer, dataset=data, recipe=recipe,
                         num_calibration_samples=len(windows), max_seq_length=windows.shape[1],
