@@ -82,7 +82,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # the repository's copy of the evaluation text (data/README.md)
@@ -109,10 +109,16 @@ PEERS = {
 }
 
 
+def usage_error(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit 2."""
+    print(f"peers.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_setting(text: str) -> tuple[int, int]:
     match = SETTING.match(text)
     if not match:
-        raise SystemExit(f"--settings {text}: use wBgG (B bits, groups of G input channels)")
+        usage_error(f"--settings {text}: use wBgG (B bits, groups of G input channels)")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -228,13 +234,14 @@ def check_quantized(out: Path, source: Path, bits: int, group: int) -> str | Non
 def peer_python(args: argparse.Namespace) -> str:
     python = args.peers_python or os.environ.get("NEUQI_PEERS_PYTHON")
     if not python:
-        raise SystemExit(
-            "peers need their own virtual environment: create it as benchmarks/peers.py's "
-            "docstring says (python3 -m venv /work/peers-venv; .../pip install torch "
-            "'neuqi[peers]' packages) and pass --peers-python /work/peers-venv/bin/python or "
-            "set NEUQI_PEERS_PYTHON; or run NeUQI rows only with --peers ''")
+        usage_error(
+            "the peers need their own virtual environment: python3 -m venv /work/peers-venv; "
+            "/work/peers-venv/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1 "
+            "auto-round==0.15.1 hqq==0.2.8.post1 (the docstring says more); then pass "
+            "--peers-python /work/peers-venv/bin/python or set NEUQI_PEERS_PYTHON (or --peers '' "
+            "for the NeUQI rows alone)")
     if not Path(python).exists():
-        raise SystemExit(f"--peers-python {python}: no such file")
+        usage_error(f"--peers-python {python}: no such file")
     return python
 
 
@@ -250,7 +257,7 @@ def peer_versions(python: str) -> dict[str, str]:
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         last = lines[-1] if lines else f"exit {proc.returncode}"
-        raise SystemExit(f"--peers-python {python} does not run: {one_line(last)}")
+        usage_error(f"--peers-python {python} does not run: {one_line(last)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -398,15 +405,15 @@ def main() -> None:
         parse_setting(s)
     for p in peers:
         if p not in PEERS:
-            raise SystemExit(f"--peers {p}: choose among {', '.join(PEERS)}")
+            usage_error(f"--peers {p}: choose among {', '.join(PEERS)}")
     for m in methods:
         if m not in NEUQI_METHODS:
-            raise SystemExit(f"--neuqi-methods {m}: choose among {', '.join(NEUQI_METHODS)}")
+            usage_error(f"--neuqi-methods {m}: choose among {', '.join(NEUQI_METHODS)}")
     store_path = args.results / "peers.json"
     results = load_results(store_path)
     if args.report_only:
         if not store_path.exists():
-            raise SystemExit(f"--report-only: {store_path} does not exist yet")
+            usage_error(f"--report-only: {store_path} does not exist yet")
         (args.results / "peers.md").write_text(table(results))
         print((args.results / "peers.md").read_text())
         return
@@ -415,7 +422,7 @@ def main() -> None:
     versions = peer_versions(python) if python else {}
     args.calib = str(Path(args.calib).resolve())
     if not Path(args.calib).is_file():
-        raise SystemExit(f"--calib {args.calib}: no such file (python benchmarks/heldout_text.py "
+        usage_error(f"--calib {args.calib}: no such file (python benchmarks/heldout_text.py "
                          "writes the default)")
     from neuqi.checkpoint import resolve_model
 
