@@ -66,6 +66,13 @@ evaluation options) they were made with: a rerun skips rows already measured (``
 them; a row that failed is tried again; an AutoRound row made with other ``--iters`` is redone).
 Each run rewrites ``peers.md`` (the table) from the stored rows; ``--report-only`` only does that.
 Threads: every process uses torch's default (all cores); pin a run with ``taskset`` if needed.
+
+Cost, measured on the 2-core development machine with one thread while other jobs ran
+(2026-12-06): HQQ 16-30 s a setting; GPTQ 2 min (w4g64, 16 windows); AutoRound 160 s a decoder
+block at iters 200 after a first block of 250 s (``torch.compile``), so about 80 min a setting;
+NeUQI and each evaluation as in the quality table. A check of the pipe: AutoRound with
+``--iters 2`` keeps its round-to-nearest start, and the evaluator scores it 25.385 at w4g64,
+the quality table's ``minmax`` figure.
 """
 
 from __future__ import annotations
@@ -328,7 +335,8 @@ def table(results: dict[str, Any]) -> str:
             if row is None:
                 cells.append("-")
             elif "error" in row:
-                cells.append("error: " + row["error"].replace("|", "/"))
+                # the whole line is in peers.json and the log
+                cells.append("error: " + one_line(row["error"], 120).replace("|", "/"))
             else:
                 cell = f"{row['perplexity']:.3f} ({minutes(row['quantize_seconds'])})"
                 cells.append(f"**{cell}**" if row["perplexity"] == best[s] else cell)
