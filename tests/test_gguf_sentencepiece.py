@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -284,3 +285,20 @@ def test_gguf_refuses_sentencepiece_models_llama_cpp_would_tokenize_otherwise(
         check_tokenizer(folder)
     tj = json.loads((tokenizers["llama"] / "tokenizer.json").read_text())
     assert tj["model"]["byte_fallback"] is True
+
+
+def test_gguf_without_the_sentencepiece_package_is_one_line_naming_the_extra(
+    tokenizers: dict[str, Path], tmp_path: Path
+):
+    """Without sentencepiece installed (an import that fails, as where it is not), quantize
+    --format gguf of a SentencePiece model says how to install it, before any work."""
+    model = build_from_config(tmp_path / "m", _tiny_config("mistral"),
+                              tokenizer_dir=tokenizers["llama"])
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sentencepiece.py").write_text("raise ImportError('blocked by the test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    line = one_line_error(neuqi("quantize", str(model), "--out", str(tmp_path / "q"), "--bits",
+                                "4", "--group-size", "32", *TINY, "--format", "gguf", env=env))
+    assert str(model / "tokenizer.model") in line and "pip install 'neuqi[export]'" in line
+    assert not (tmp_path / "q").exists()
