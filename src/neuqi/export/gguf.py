@@ -18,7 +18,8 @@ The other tensors are written as llama.cpp's converter writes them with ``--outt
 ``Q8_0`` (blocks of 32 int8 with an fp16 scale; F16 when a row is not a multiple of 32), norms and
 biases as F32. So the file is about the size of the native output or smaller (the token embedding
 of a small model is a large part of it), not larger. Tensor names, metadata and
-the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
+the tokenizer (``tokenizer.ggml.*``: a byte-level BPE tokenizer.json as ``gpt2``, a SentencePiece
+tokenizer.model as ``llama``, :mod:`neuqi.export.spm`) follow llama.cpp's
 ``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
 applies rotary embeddings to interleaved pairs, transformers to halves).
 
@@ -29,7 +30,8 @@ stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers s
 llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
 query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
 llama.cpp would run differently from transformers is refused (:func:`check_family`), as is a
-tokenizer the writer cannot write (:func:`check_tokenizer`: SentencePiece-style ones).
+tokenizer llama.cpp would tokenize differently (:func:`check_tokenizer`: a SentencePiece-style
+tokenizer.json without its tokenizer.model, Unigram and normalizing SentencePiece models).
 """
 
 from __future__ import annotations
