@@ -38,6 +38,11 @@ SENTENCES = [
 ]
 LLAMA_EXTRA = "<tool_call>"  # an added, non-special token (llama.cpp: user-defined)
 GEMMA_EXTRA = "<mask>"  # added past the SentencePiece vocabulary, special (control)
+SPACES = ["\u2581\u2581", "\u2581\u2581\u2581"]  # Gemma's user-defined runs of spaces
+# Runs of 3+ spaces: checked with llama.cpp's algorithm only. transformers' Gemma GGUF reader
+# forms them by merges of the file's order (▁▁ + ▁▁ for four), not as the longest user-defined
+# token first as llama.cpp and sentencepiece do (▁▁▁ + ▁).
+RUNS = "three   four    five"
 
 
 def _train(folder: Path, prefix: str, **options) -> Path:
@@ -71,13 +76,15 @@ def _tokenizer_folder(model: Path, folder: Path, cls, **kwargs) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
 
     root = tmp_path_factory.mktemp("spm")
     llama = _train(root, "llama", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     gemma = _train(root, "gemma", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
                    pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-                   control_symbols=["<start_of_turn>", "<end_of_turn>"])
+                   control_symbols=["<start_of_turn>", "<end_of_turn>"],
+                   user_defined_symbols=SPACES)
     out = {"llama": _tokenizer_folder(llama, root / "llama-tok", LlamaTokenizer, legacy=False,
                                     add_bos_token=True, add_eos_token=False),
            "gemma": _tokenizer_folder(gemma, root / "gemma-tok", GemmaTokenizer,
@@ -88,6 +95,7 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tok = AutoTokenizer.from_pretrained(out["gemma"])
     tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
     tok.add_tokens([GEMMA_EXTRA], special_tokens=True)
+    tok.add_tokens([AddedToken(t, normalized=True, special=False) for t in SPACES])
     tok.save_pretrained(str(out["gemma"]))
     # the fixture's own check: transformers' tokenizer is the SentencePiece model's
     for name, model in (("llama", llama), ("gemma", gemma)):
@@ -98,16 +106,45 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _llama_cpp_spm(text: str, tokens: list[str], scores: list[float], prefix: bool) -> list[int]:
-    """llama.cpp's tokenizer of a ``llama`` vocabulary (llm_tokenizer_spm_session), for text
-    without added tokens: the text (space-prefixed, spaces as ``▁``) cut into characters; the
-    adjacent pair whose joined text is a token of the highest score (the leftmost on a tie) is
-    merged until none is; a symbol that is no token is cut back along its merges, down to byte
-    tokens."""
+def _llama_cpp_spm(text: str, tokens: list[str], scores: list[float], types: list[int],
+                   prefix: bool) -> list[int]:
+    """llama.cpp's tokenizer of a ``llama`` vocabulary (llama_vocab::tokenize, SPM): the text is
+    cut at its user-defined tokens (longest first, matched in the raw text); each other fragment
+    is space-prefixed if ``prefix`` and it is the first or follows such a token, its spaces
+    written ``▁``, and merged (:func:`_spm_merge`)."""
+    user = sorted((t for t, k in zip(tokens, types, strict=True) if k == 4), key=len, reverse=True)
+    fragments: list[str | int] = [text]
+    for token in user:
+        cut: list[str | int] = []
+        for f in fragments:
+            if isinstance(f, int):
+                cut.append(f)
+                continue
+            for j, part in enumerate(f.split(token)):
+                if j:
+                    cut.append(tokens.index(token))
+                if part:
+                    cut.append(part)
+        fragments = cut
+    out: list[int] = []
+    after_token = True
+    for f in fragments:
+        if isinstance(f, int):
+            out.append(f)
+        else:
+            out += _spm_merge(((" " if prefix and after_token else "") + f).replace(" ", "\u2581"),
+                              tokens, scores)
+        after_token = isinstance(f, int)
+    return out
+
+
+def _spm_merge(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """llm_tokenizer_spm_session: ``text`` cut into characters; the adjacent pair whose joined
+    text is a token of the highest score (the leftmost on a tie) is merged until none is; a
+    symbol that is no token is cut back along its merges, down to byte tokens."""
     import heapq
 
     ids = {t: i for i, t in enumerate(tokens)}
-    text = ((" " if prefix else "") + text).replace(" ", "\u2581")
     symbols: list[str | None] = list(text)
     prev, nxt = list(range(-1, len(symbols) - 1)), list(range(1, len(symbols) + 1))
     queue: list[tuple[float, int, int, int, str]] = []
@@ -191,8 +228,13 @@ def test_gguf_writes_the_sentencepiece_vocabulary_that_transformers_reads_back(
     tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
     types = fields["tokenizer.ggml.token_type"]
     assert len(tokens) == len(scores) == len(types) == 512  # the model's vocab_size
-    assert tokens[:sp.vocab_size()] == [sp.IdToPiece(i) for i in range(sp.vocab_size())]
-    regular = [i for i in range(sp.vocab_size()) if not sp.IsControl(i) and not sp.IsUnknown(i)]
+    # the pieces; Gemma's user-defined runs of spaces written as spaces (llama.cpp matches
+    # user-defined tokens in the raw text)
+    pieces = [sp.IdToPiece(i) for i in range(sp.vocab_size())]
+    assert tokens[:sp.vocab_size()] == [p.replace("\u2581", " ") if p in SPACES else p
+                                        for p in pieces]
+    regular = [i for i in range(sp.vocab_size())
+               if not sp.IsControl(i) and not sp.IsUnknown(i) and pieces[i] not in SPACES]
     assert [scores[i] for i in regular] == pytest.approx([sp.GetScore(i) for i in regular])
     assert types[sp.PieceToId("<0x41>")] == 6  # byte
     # <unk>, <s>, </s>: control (tokenizer_config.json's added_tokens_decoder marks them special)
@@ -205,10 +247,11 @@ def test_gguf_writes_the_sentencepiece_vocabulary_that_transformers_reads_back(
     else:
         assert types[tokens.index(GEMMA_EXTRA)] == 3 and tokens.index(GEMMA_EXTRA) >= 400
         assert types[sp.PieceToId("<start_of_turn>")] == 3
+        assert [types[pieces.index(p)] for p in SPACES] == [4, 4]  # user-defined
     assert tokens[-1] == "[PAD511]" and types[-1] == 5
     prefix = fields["tokenizer.ggml.add_space_prefix"]
-    for text in SENTENCES:  # llama.cpp's own algorithm over the file's tokens and scores
-        assert _llama_cpp_spm(text, tokens, scores, prefix) == sp.encode(text), text
+    for text in [*SENTENCES, RUNS]:  # llama.cpp's own algorithm over the file's tokens, scores
+        assert _llama_cpp_spm(text, tokens, scores, types, prefix) == sp.encode(text), text
 
     theirs = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     mine = AutoTokenizer.from_pretrained(out)
@@ -254,7 +297,8 @@ def test_gguf_refuses_a_sentencepiece_tokenizer_without_tokenizer_model(
     vocab = json.loads((bare / "tokenizer.json").read_text())["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
     sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
-    assert any(_llama_cpp_spm(t, tokens, [-1000.0] * len(tokens), True) != sp.encode(t)
+    assert any(_spm_merge(f" {t}".replace(" ", "\u2581"), tokens, [-1000.0] * len(tokens))
+               != sp.encode(t)
                for t in SENTENCES)
 
 
