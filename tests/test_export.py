@@ -452,14 +452,16 @@ def _sentencepiece_style(folder: Path, to: Path) -> Path:
 def test_gguf_refuses_a_sentencepiece_tokenizer_in_one_line(
     float_output: Path, tiny_llama: Path, tmp_path: Path
 ):
-    """Written as a gpt2 (byte-level BPE) vocabulary, a SentencePiece one would be mis-tokenized
-    by llama.cpp: refused, naming the file, by export and by quantize --format gguf before any
-    work."""
+    """A SentencePiece-style tokenizer.json without its tokenizer.model has no token scores
+    (written as gpt2 it would be mis-tokenized, with the converter's placeholder scores merged in
+    another order; tests/test_gguf_sentencepiece.py): refused, naming the file and
+    tokenizer.model, by export and by quantize --format gguf before any work."""
     out = _sentencepiece_style(float_output, tmp_path / "out")
     line = one_line_error(neuqi("export", str(out), "--format", "gguf",
                                 "--out", str(tmp_path / "m.gguf")))
     assert str(out / "tokenizer.json") in line and "SentencePiece" in line
-    assert "byte_fallback" in line and not (tmp_path / "m.gguf").exists()
+    assert "byte_fallback" in line and "tokenizer.model" in line
+    assert not (tmp_path / "m.gguf").exists()
     model = _sentencepiece_style(tiny_llama, tmp_path / "model")
     line = one_line_error(neuqi("quantize", str(model), "--out", str(tmp_path / "q"), "--bits",
                                 "4", "--group-size", "32", *TINY_CLI, "--format", "gguf"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -218,6 +219,8 @@ def _check_gguf_family(model: str) -> None:
                 tokenizer = Path(hf_hub_download(model, "tokenizer.json"))
             except Exception:  # noqa: BLE001 - offline, none: the quantize run says so
                 return
+            with contextlib.suppress(Exception):  # a SentencePiece tokenizer's scores, if any
+                hf_hub_download(model, "tokenizer.model")
         check_tokenizer(tokenizer.parent, missing_ok=True)
 
 

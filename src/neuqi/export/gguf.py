@@ -18,7 +18,8 @@ The other tensors are written as llama.cpp's converter writes them with ``--outt
 ``Q8_0`` (blocks of 32 int8 with an fp16 scale; F16 when a row is not a multiple of 32), norms and
 biases as F32. So the file is about the size of the native output or smaller (the token embedding
 of a small model is a large part of it), not larger. Tensor names, metadata and
-the tokenizer (``tokenizer.ggml.*``, from the Hugging Face tokenizer) follow llama.cpp's
+the tokenizer (``tokenizer.ggml.*``: a byte-level BPE tokenizer.json as ``gpt2``, a SentencePiece
+tokenizer.model as ``llama``, :mod:`neuqi.export.spm`) follow llama.cpp's
 ``convert_hf_to_gguf.py``, including its row permutation of LLaMA's q/k projections (llama.cpp
 applies rotary embeddings to interleaved pairs, transformers to halves).
 
@@ -29,7 +30,8 @@ stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers s
 llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
 query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
 llama.cpp would run differently from transformers is refused (:func:`check_family`), as is a
-tokenizer the writer cannot write (:func:`check_tokenizer`: SentencePiece-style ones).
+tokenizer llama.cpp would tokenize differently (:func:`check_tokenizer`: a SentencePiece-style
+tokenizer.json without its tokenizer.model, Unigram and normalizing SentencePiece models).
 """
 
 from __future__ import annotations
@@ -335,30 +337,44 @@ def check_family(config: dict[str, Any] | str, where: object) -> None:
                         f"run as transformers does; use --format compressed-tensors")
 
 
-def check_tokenizer(folder: Path, *, missing_ok: bool = False) -> dict[str, Any]:
-    """The tokenizer.json of ``folder``; UserError (one line) unless it is a byte-level BPE, the
-    one kind this writer writes (``tokenizer.ggml.model`` gpt2). A SentencePiece-style tokenizer
-    (BPE with byte_fallback, Unigram) would be llama.cpp's ``llama`` vocabulary, which needs the
-    token scores of tokenizer.model; written as gpt2 it would be mis-tokenized, so it is refused."""
-    tj_file = folder / "tokenizer.json"
-    if not tj_file.is_file():
+def check_tokenizer(folder: Path, *, missing_ok: bool = False) -> tuple[str, dict[str, Any]]:
+    """Which vocabulary the GGUF gets, and the tokenizer.json of ``folder`` (``{}`` if none):
+    ``("gpt2", tj)`` for a byte-level BPE tokenizer.json, ``("llama", tj)`` for a SentencePiece
+    tokenizer with its tokenizer.model (:mod:`neuqi.export.spm`: a BPE model without
+    normalization, the one tokenizer.json describes). UserError (one line) otherwise: a
+    SentencePiece-style tokenizer.json (BPE with byte_fallback, Unigram) without tokenizer.model
+    is refused, as llama.cpp's converter would write it (gguf's LlamaHfVocab) with the placeholder
+    score -1000 for every token, with which llama.cpp merges pieces in another order than the
+    tokenizer; written as gpt2 it would be mis-tokenized too."""
+    from neuqi.export import spm
+
+    tj_file, model_file = folder / "tokenizer.json", folder / "tokenizer.model"
+    tj: dict[str, Any] = {}
+    if tj_file.is_file():
+        try:
+            tj = json.loads(tj_file.read_text(encoding="utf-8"))
+            model = tj.get("model") or {}
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise UserError(f"{tj_file}: not a tokenizer.json (unreadable JSON)") from None
+        if model.get("type") == "BPE" and not model.get("byte_fallback"):
+            return "gpt2", tj
+        if model.get("type") != "BPE":
+            raise UserError(f"{tj_file}: a {model.get('type')} tokenizer; llama.cpp's SentencePiece "
+                            f"vocabulary merges pieces by score (BPE), so the GGUF export writes "
+                            f"BPE tokenizers only; use --format compressed-tensors")
+    elif not model_file.is_file():
         if missing_ok:
-            return {}
+            return "", {}
         raise UserError(f"{tj_file}: missing; the GGUF export needs the Hugging Face "
-                        f"tokenizer.json (byte-level BPE) beside the output")
-    try:
-        tj = json.loads(tj_file.read_text(encoding="utf-8"))
-        model = tj.get("model") or {}
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{tj_file}: not a tokenizer.json (unreadable JSON)") from None
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = ("BPE with byte_fallback" if model.get("type") == "BPE"
-                else f"{model.get('type')} model")
-        raise UserError(f"{tj_file}: a SentencePiece-style tokenizer ({kind}); the GGUF export "
-                        f"writes byte-level BPE tokenizers only (llama.cpp's SentencePiece "
-                        f"vocabulary needs token scores it does not write); use --format "
-                        f"compressed-tensors")
-    return tj
+                        f"tokenizer.json (byte-level BPE) or tokenizer.model (SentencePiece) "
+                        f"beside the output")
+    if not model_file.is_file():
+        raise UserError(f"{tj_file}: a SentencePiece-style tokenizer (BPE with byte_fallback) "
+                        f"without its tokenizer.model; the GGUF export needs tokenizer.model for "
+                        f"the token scores (llama.cpp's converter would write -1000 for every "
+                        f"token, and llama.cpp would merge pieces in another order)")
+    spm.check_model(model_file, tj)
+    return "llama", tj
 
 
 def default_type(source: ExportSource) -> str:
@@ -699,9 +715,12 @@ class GGUFExporter:
         from transformers import AutoTokenizer
 
         folder = self.source.path
-        tj = check_tokenizer(folder)
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        kind, tj = check_tokenizer(folder)
         vocab_size = int(self.config.vocab_size)
+        if kind == "llama":
+            self._sentencepiece(folder, vocab_size)
+            return
+        tok = AutoTokenizer.from_pretrained(str(folder))
         reverse = {i: t for t, i in tok.get_vocab().items()}
         added = tok.added_tokens_decoder
         tokens: list[str] = []
@@ -727,6 +746,36 @@ class GGUFExporter:
         self.writer.add_token_types(types)
         special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
         special.add_to_gguf(self.writer, quiet=True)
+
+    def _sentencepiece(self, folder: Path, vocab_size: int) -> None:
+        """convert_hf_to_gguf's ``_set_vocab_sentencepiece`` (:mod:`neuqi.export.spm`), with the
+        space prefix llama.cpp adds: none for Gemma 2 / 3 (their converter writes False), else
+        tokenizer_config.json's ``add_prefix_space`` where it says (LlamaModel.set_vocab), else
+        tokenizer.model's ``add_dummy_prefix``."""
+        import gguf
+
+        from neuqi.export import spm
+
+        model_file = folder / "tokenizer.model"
+        sp = spm.processor(model_file)
+        tokens, scores, types, notes = spm.vocabulary(folder, sp, vocab_size)
+        self._notes.extend(notes)
+        w = self.writer
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(folder, n_vocab=len(tokens))
+        special.add_to_gguf(w, quiet=True)
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) if (
+            folder / "tokenizer_config.json").is_file() else {}
+        if self.arch in ("gemma2", "gemma3"):
+            w.add_add_space_prefix(False)
+        elif isinstance(config.get("add_prefix_space"), bool):
+            w.add_add_space_prefix(config["add_prefix_space"])
+        else:
+            w.add_add_space_prefix(spm.read_spec(model_file).add_dummy_prefix)
 
     # --------------------------------------------------------------------------- finishing
     def finalize(self, report: dict[str, Any]) -> Path:
