@@ -500,6 +500,9 @@ GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
     ({"model_type": "qwen3_moe", "norm_topk_prob": False}, "renormalizes"),
     ({"model_type": "qwen2_moe", "norm_topk_prob": False, "mlp_only_layers": [1],
       "num_hidden_layers": 2}, "dense MLP layers [1]"),
+    ({"model_type": "gemma", "tie_word_embeddings": False}, "untied lm_head"),
+    ({"model_type": "gemma", "attention_bias": True}, "no attention biases"),
+    ({"model_type": "gemma"}, None),
     ({"model_type": "deepseek_v3"}, "'deepseek_v3' has no GGUF export"),
 ])
 def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why: str | None):

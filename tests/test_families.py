@@ -7,8 +7,9 @@ uninterrupted run's);
 the streamed eval of the output equals transformers running it; the compressed-tensors export
 loads through ``AutoModelForCausalLM.from_pretrained`` with the output's logits. GGUF: Phi-3,
 Gemma 2 and Gemma 3 are written in llama.cpp's layouts and read back by transformers' own GGUF
-reader with the output's logits; Gemma (which transformers cannot read from GGUF) and configs that
-llama.cpp would run differently from transformers are refused in one line.
+reader with the output's logits; Gemma (which transformers cannot read from GGUF) is checked
+tensor by tensor and key by key with the gguf package's reader against llama.cpp's ``gemma``;
+configs that llama.cpp would run differently from transformers are refused in one line.
 """
 
 from __future__ import annotations
@@ -165,12 +166,12 @@ def test_quantize_resume_eval_and_compressed_tensors(
         torch.testing.assert_close(theirs(_ids()).logits, native(_ids()).logits,
                                    rtol=1e-4, atol=1e-4)
 
-    # GGUF (group 16: re-solved at group 32 from the source weights): Gemma has no GGUF layout,
-    # and this Gemma 3's layer kinds (one local, one global) are not llama.cpp's (one global in
-    # six): refused in one line, naming the family and the format that works. Phi-3 and Gemma 2
-    # are written (read back by transformers in test_gguf_export_runs_in_transformers...).
+    # GGUF (group 16: re-solved at group 32 from the source weights): this Gemma 3's layer kinds
+    # (one local, one global) are not llama.cpp's (one global in six): refused in one line,
+    # naming the family and the format that works. Phi-3, Gemma and Gemma 2 are written (checked
+    # in test_gguf_export_runs_in_transformers... and test_gguf_gemma_...).
     r = forked("export", str(out), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
-    if model_type in ("gemma", "gemma3_text"):
+    if model_type == "gemma3_text":
         line = one_line_error(r)
         assert model_type in line and "compressed-tensors" in line
         if model_type == "gemma3_text":
@@ -180,20 +181,25 @@ def test_quantize_resume_eval_and_compressed_tensors(
         assert (tmp_path / "x.gguf").read_bytes()[:4] == b"GGUF"
 
 
+UNTIED_GEMMA = {**FAMILIES["gemma"], "tie_word_embeddings": False}
+
+
 @pytest.mark.parametrize("model_type,fmt", [("gemma", "gguf"), ("gemma3_text", "gguf-q4_k")])
 def test_quantize_with_format_gguf_is_refused_before_any_work(
     model_type: str, fmt: str, tiny_model_factory: Callable[..., Path], forked: Zygote,
     tmp_path: Path
 ):
-    """Gemma: no GGUF layout. This Gemma 3: one local and one global layer, where llama.cpp's
-    gemma3 fixes one global layer in every six (and its queries scaled by 1/sqrt(256), the
-    query_pre_attn_scalar default, where llama.cpp's would be scaled by 1/sqrt(head_dim))."""
-    model = tiny_model_factory(model_type, **FAMILIES[model_type])
+    """A Gemma with an untied head: llama.cpp's gemma has no output tensor (it reuses the token
+    embedding). This Gemma 3: one local and one global layer, where llama.cpp's gemma3 fixes one
+    global layer in every six (and its queries scaled by 1/sqrt(256), the query_pre_attn_scalar
+    default, where llama.cpp's would be scaled by 1/sqrt(head_dim))."""
+    model = tiny_model_factory(model_type, **(UNTIED_GEMMA if model_type == "gemma"
+                                              else FAMILIES[model_type]))
     out = tmp_path / "out"
     line = one_line_error(forked("quantize", str(model), "--out", str(out), *OPTIONS,
                                  "--format", fmt))
     if model_type == "gemma":
-        assert "'gemma' has no GGUF export" in line
+        assert "gemma with an untied lm_head" in line
     else:
         assert "gemma3_text with layer_types" in line
     assert "compressed-tensors" in line
@@ -293,12 +299,97 @@ def test_gguf_export_runs_in_transformers_with_the_native_logits(
         mine[-8:])
 
 
+def test_gguf_gemma_is_llama_cpp_gemma_tensor_by_tensor(
+    tiny_model_factory: Callable[..., Path], tmp_path: Path
+):
+    """Gemma 1 as convert_hf_to_gguf's GemmaModel writes it (llama.cpp's ``gemma``; transformers
+    cannot read it back): every tensor llama.cpp's gemma loads (gguf's MODEL_TENSORS) with its
+    shape, no output tensor (tied), the quantized linears Q4_1 with the output's own codes and
+    fp16 block parameters, the norms as 1 + w, the embedding Q8_0, and the keys of the config."""
+    from gguf import GGUFReader
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+    from gguf.quants import dequantize, quantize
+
+    from neuqi.export import export
+    from neuqi.export.common import ExportSource
+    from neuqi.pipeline import runner
+    from neuqi.pipeline.config import QuantizeConfig
+
+    model = tiny_model_factory("gemma", **FAMILIES["gemma"])
+    out = runner.quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"),
+                                         nsamples=4, seqlen=32, batch_size=3, bits=4,
+                                         group_size=32, method="neuqi"), None, "cpu")
+    file = tmp_path / "m.gguf"
+    report = export(out, "gguf", file)
+    assert report.re_solved == 0
+    reader = GGUFReader(file)
+    tensors = {t.name: t for t in reader.tensors}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    config = json.loads((out / "config.json").read_text())
+    source = ExportSource(out)
+    layers, hidden, ffn = config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]
+    heads, kv, head_dim = (config["num_attention_heads"], config["num_key_value_heads"],
+                           config["head_dim"])
+    # [out, in] in transformers' order; GGUFReader gives ggml's [in, out]
+    shapes = {"token_embd": (config["vocab_size"], hidden), "output_norm": (hidden,),
+              "attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (heads * head_dim, hidden),
+              "attn_k": (kv * head_dim, hidden), "attn_v": (kv * head_dim, hidden),
+              "attn_output": (hidden, heads * head_dim), "ffn_gate": (ffn, hidden),
+              "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    expected = set()
+    for kind in MODEL_TENSORS[MODEL_ARCH.GEMMA]:
+        name = TENSOR_NAMES[kind]
+        for bid in range(layers) if "{bid}" in name else [None]:
+            full = f"{name.format(bid=bid)}.weight"
+            expected.add(full)
+            assert tuple(tensors[full].shape) == shapes[name.split(".")[-1]][::-1], full
+    assert set(tensors) == expected  # the head is the token embedding: no output.weight
+    assert fields["general.architecture"] == "gemma"
+    for key, value in (("context_length", config["max_position_embeddings"]),
+                       ("embedding_length", hidden), ("block_count", layers),
+                       ("feed_forward_length", ffn), ("attention.head_count", heads),
+                       ("attention.head_count_kv", kv), ("attention.key_length", head_dim),
+                       ("attention.value_length", head_dim),
+                       ("rope.freq_base", config["rope_parameters"]["rope_theta"])):
+        assert fields[f"gemma.{key}"] == value, key
+    assert fields["gemma.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+    assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
+    for name, gname in (("model.norm.weight", "output_norm.weight"),
+                        *((f"model.layers.{i}.{n}.weight", f"blk.{i}.{g}.weight")
+                          for i in range(layers)
+                          for n, g in (("input_layernorm", "attn_norm"),
+                                       ("post_attention_layernorm", "ffn_norm")))):
+        assert tensors[gname].tensor_type.name == "F32"
+        assert torch.equal(torch.from_numpy(tensors[gname].data.copy()),
+                           source.plain(name).float() + 1), name
+    embd = tensors["token_embd.weight"]
+    assert embd.tensor_type.name == "Q8_0"
+    assert (embd.data == quantize(source.plain("model.embed_tokens.weight").float().numpy(),
+                                  embd.tensor_type)).all()  # the converter's --outtype q8_0
+    checked = 0
+    for name in source.output.quantized:
+        i, module = name.split(".")[2], ".".join(name.split(".")[3:-1])
+        gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}[module]
+        t = tensors[f"blk.{i}.{gname}.weight"]  # rows as transformers' (llama.cpp: NeoX rope)
+        assert t.tensor_type.name == "Q4_1"
+        lin = source.linear(name)
+        d = lin.scale.half().float().repeat_interleave(32, 1)
+        m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
+        assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type).copy()),
+                           d * lin.codes.float() + m), name
+        checked += 1
+    assert checked == 7 * layers
+
+
 def test_quantize_with_format_gguf_refuses_a_hub_id_before_any_work(
     tiny_model_factory: Callable[..., Path], tmp_path: Path
 ):
     """A hub id's config.json is read on its own (here offline, from a hub cache laid out as
     huggingface_hub writes it), so the refusal comes before the download and the solve."""
-    model = tiny_model_factory("gemma", **FAMILIES["gemma"])
+    model = tiny_model_factory("gemma", **UNTIED_GEMMA)
     cache = tmp_path / "hub"
     repo = cache / "models--someone--tiny-gemma"
     (repo / "refs").mkdir(parents=True)
@@ -309,7 +400,7 @@ def test_quantize_with_format_gguf_refuses_a_hub_id_before_any_work(
     line = one_line_error(neuqi("quantize", "someone/tiny-gemma", "--out", str(out), *OPTIONS,
                                 "--format", "gguf",
                                 env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}))
-    assert "'gemma' has no GGUF export" in line
+    assert "gemma with an untied lm_head" in line
     assert not out.exists() and not (tmp_path / "out.job").exists()
 
 

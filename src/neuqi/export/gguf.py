@@ -24,8 +24,8 @@ tokenizer.model as ``llama``, :mod:`neuqi.export.spm`) follow llama.cpp's
 applies rotary embeddings to interleaved pairs, transformers to halves).
 
 Families (:data:`LAYOUTS`, the one table of what differs per family): LLaMA / Mistral / Mixtral
-(``llama``), Qwen2 / Qwen3, Phi-3 (``phi3``: fused ``attn_qkv`` and ``ffn_up`` = gate | up), Gemma
-2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE. A mixture of experts' expert linears are
+(``llama``), Qwen2 / Qwen3, Phi-3 (``phi3``: fused ``attn_qkv`` and ``ffn_up`` = gate | up), Gemma,
+Gemma 2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE. A mixture of experts' expert linears are
 stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers stay F32. What
 llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
 query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
@@ -184,6 +184,16 @@ def _phi3_keys(w: Any, c: Any) -> None:
                          np.asarray(rope[key], dtype=np.float32))
 
 
+def _gemma_refuse(c: Any) -> str | None:
+    """Gemma 1 (llama.cpp's ``gemma``): the head is the token embedding, no attention biases,
+    queries scaled by 1/sqrt(head_dim) as transformers does, the tanh GELU, plain RoPE."""
+    if not getattr(c, "tie_word_embeddings", True):
+        return "an untied lm_head (llama.cpp's gemma has no output tensor)"
+    if getattr(c, "attention_bias", False):
+        return "attention_bias (llama.cpp's gemma has no attention biases)"
+    return _default_rope(c) or _gelu_tanh(c)
+
+
 def _gemma2_refuse(c: Any) -> str | None:
     if not getattr(c, "tie_word_embeddings", True):
         return "an untied lm_head (llama.cpp's gemma2 has no output tensor)"
@@ -288,6 +298,7 @@ LAYOUTS: dict[str, Layout] = {
     "qwen2": Layout("qwen2", rope_warning=True),
     "qwen3": Layout("qwen3", rope_warning=True),
     "phi3": Layout("phi3", keys=_phi3_keys, refuse=_phi3_refuse),
+    "gemma": Layout("gemma", norm_shift=1.0, refuse=_gemma_refuse),
     "gemma2": Layout("gemma2", norm_shift=1.0, keys=_gemma2_keys, refuse=_gemma2_refuse),
     "gemma3_text": Layout("gemma3", norm_shift=1.0, keys=_gemma3_keys, refuse=_gemma3_refuse),
     # experts stacked into ffn_{gate,up,down}_exps; routers (ffn_gate_inp, Qwen2-MoE's shared
@@ -749,7 +760,7 @@ class GGUFExporter:
 
     def _sentencepiece(self, folder: Path, vocab_size: int) -> None:
         """convert_hf_to_gguf's ``_set_vocab_sentencepiece`` (:mod:`neuqi.export.spm`), with the
-        space prefix llama.cpp adds: none for Gemma 2 / 3 (their converter writes False), else
+        space prefix llama.cpp adds: none for Gemma, Gemma 2 / 3 (their converter writes False), else
         tokenizer_config.json's ``add_prefix_space`` where it says (LlamaModel.set_vocab), else
         tokenizer.model's ``add_dummy_prefix``."""
         import gguf
@@ -770,7 +781,7 @@ class GGUFExporter:
         special.add_to_gguf(w, quiet=True)
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) if (
             folder / "tokenizer_config.json").is_file() else {}
-        if self.arch in ("gemma2", "gemma3"):
+        if self.arch in ("gemma", "gemma2", "gemma3"):
             w.add_add_space_prefix(False)
         elif isinstance(config.get("add_prefix_space"), bool):
             w.add_add_space_prefix(config["add_prefix_space"])
