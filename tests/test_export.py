@@ -469,6 +469,9 @@ def test_gguf_refuses_a_sentencepiece_tokenizer_in_one_line(
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.job").exists()
 
 
+# DeepSeek-V3's published rope scaling (config.json's rope_scaling)
+DEEPSEEK_YARN = {"type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                 "beta_fast": 32, "beta_slow": 1, "original_max_position_embeddings": 4096}
 GEMMA2 = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
           "query_pre_attn_scalar": 16, "num_hidden_layers": 2}
 GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
@@ -503,7 +506,15 @@ GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
     ({"model_type": "gemma", "tie_word_embeddings": False}, "untied lm_head"),
     ({"model_type": "gemma", "attention_bias": True}, "no attention biases"),
     ({"model_type": "gemma"}, None),
-    ({"model_type": "deepseek_v3"}, "'deepseek_v3' has no GGUF export"),
+    ({"model_type": "deepseek_v3"}, None),
+    ({"model_type": "deepseek_v3", "rope_scaling": DEEPSEEK_YARN}, None),  # as published
+    ({"model_type": "deepseek_v3", "rope_scaling": {**DEEPSEEK_YARN, "mscale": 0.707}},
+     "yarn mscale 0.707 and mscale_all_dim 1.0"),
+    ({"model_type": "deepseek_v3", "rope_scaling": {**DEEPSEEK_YARN, "attention_factor": 1.2}},
+     "yarn attention_factor"),
+    ({"model_type": "deepseek_v3", "rope_interleave": False}, "rope_interleave False"),
+    ({"model_type": "deepseek_v3", "attention_bias": True}, "no attention biases"),
+    ({"model_type": "dbrx"}, "'dbrx' has no GGUF export"),
 ])
 def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why: str | None):
     """What llama.cpp fixes for an architecture rather than reads from the file, checked against
@@ -536,3 +547,41 @@ def test_gguf_gemma3_linear_rope_scaling_is_written_for_the_global_layers():
     assert kv["gemma3.rope.freq_base"] == 1e6
     assert kv["gemma3.rope.scaling.type"] == "linear" and kv["gemma3.rope.scaling.factor"] == 8.0
     assert "gemma3.final_logit_softcapping" not in kv
+
+
+def test_gguf_deepseek_yarn_keys_are_the_converters():
+    """DeepSeek-V3's published YaRN as convert_hf_to_gguf writes it (TextModel's rope scaling,
+    DeepseekV2Model's ``yarn_log_multiplier`` 0.1·mscale_all_dim), with which llama.cpp's
+    deepseek2 scales q·k by (1 + 0.1·ln 40)² / sqrt(d) and leaves cos/sin unscaled, as
+    transformers' DeepseekV3 does for mscale == mscale_all_dim."""
+    import gguf
+
+    from neuqi.export.gguf import LAYOUTS, _resolved
+
+    w = gguf.GGUFWriter(None, "deepseek2")
+    LAYOUTS["deepseek_v3"].keys(w, _resolved({"model_type": "deepseek_v3",
+                                              "rope_scaling": DEEPSEEK_YARN}))
+    kv = {k.format(arch="deepseek2"): v.value for shard in w.kv_data for k, v in shard.items()}
+    r = gguf.Keys.Rope
+    got = {key: kv[key.format(arch="deepseek2")] for key in (
+        r.SCALING_TYPE, r.SCALING_FACTOR, r.SCALING_ORIG_CTX_LEN, r.SCALING_YARN_BETA_FAST,
+        r.SCALING_YARN_BETA_SLOW, r.SCALING_YARN_LOG_MUL)}
+    assert got == {r.SCALING_TYPE: "yarn", r.SCALING_FACTOR: 40.0, r.SCALING_ORIG_CTX_LEN: 4096,
+                   r.SCALING_YARN_BETA_FAST: 32.0, r.SCALING_YARN_BETA_SLOW: 1.0,
+                   r.SCALING_YARN_LOG_MUL: pytest.approx(0.1)}
+    assert kv["deepseek2.expert_gating_func"] == int(gguf.ExpertGatingFuncType.SIGMOID)
+    assert kv["deepseek2.expert_weights_scale"] == pytest.approx(2.5)  # routed_scaling_factor
+
+
+def test_gguf_deepseek_v3_pre_tokenizer_is_llama_cpps_deepseek_v3():
+    """DeepSeek-V3's tokenizer.json splits digits (1-3), CJK runs, then words before the byte
+    level: llama.cpp's ``deepseek-v3`` pre-tokenizer (the digit split alone reads as LLaMA 3's)."""
+    from neuqi.export.gguf import _pre_tokenizer
+
+    splits = [{"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}"}, "behavior": "Isolated"},
+              {"type": "Split", "pattern": {"Regex": "[一-龥\u3040-ゟ゠-ヿ]+"},
+               "behavior": "Isolated"},
+              {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]
+    tj = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": splits}}
+    assert _pre_tokenizer(tj, "deepseek_v3") == "deepseek-v3"
+    assert _pre_tokenizer(tj, "llama") == "llama-bpe"

@@ -8,12 +8,14 @@ output is evaluated and loaded (neuqi's loader through transformers' model class
 compressed-tensors export unpacked by compressed-tensors itself). GGUF: Qwen2-MoE and Qwen3-MoE
 are read back by transformers' own GGUF reader with the output's logits; Mixtral (llama.cpp's
 ``llama`` with experts, which transformers' reader loads as a dense LLaMA) is checked tensor by
-tensor with the gguf package's reader; DeepSeek-V3 is refused.
+tensor with the gguf package's reader; so is DeepSeek-V3 (llama.cpp's ``deepseek2``: latent
+attention with kv_b_proj split, shared experts, the first dense layers, exp_probs_b).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import tempfile
@@ -498,16 +500,161 @@ def test_gguf_export_stacks_the_experts(
     assert (got - ours).abs().max() < 0.01 * ours.abs().max()
 
 
-def test_gguf_refuses_deepseek_and_moe_configs_llama_cpp_runs_differently(
+def test_gguf_deepseek_v3_is_llama_cpp_deepseek2_tensor_by_tensor(
     moe_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """DeepSeek-V3: no GGUF layout. The fixture's Qwen2-MoE: a dense layer among the MoE ones
-    and renormalized top-k weights, neither of which llama.cpp's qwen2moe has. Both refused by
+    """DeepSeek-V3 (FP8 source, first layer dense) as convert_hf_to_gguf's DeepseekV2Model writes
+    it for llama.cpp's ``deepseek2`` (transformers cannot read it back): exactly the tensors the
+    arch loads (each in gguf's MODEL_TENSORS) with llama.cpp's shapes; kv_b_proj split into
+    attn_v_b (its Q4_1 blocks) and attn_k_b (transposed, F32); every quantized linear the
+    output's own codes with fp16 block parameters (experts stacked, shared experts as *_shexp);
+    norms, router and e_score_correction_bias (as exp_probs_b.bias) in F32 as stored; the keys
+    of the config, MLA written as one KV head of width kv_lora_rank + rope dims."""
+    from gguf import GGUFReader
+    from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
+    from gguf.quants import dequantize
+
+    from neuqi.export import export
+    from neuqi.export.common import ExportSource
+    from neuqi.pipeline import runner
+    from neuqi.pipeline.config import QuantizeConfig
+
+    model = moe_models["deepseek_v3"]
+    out = runner.quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"),
+                                         nsamples=4, seqlen=32, batch_size=3, bits=4,
+                                         group_size=32, method="neuqi"), None, "cpu")
+    file = tmp_path / "m.gguf"
+    report = export(out, "gguf", file)
+    assert report.re_solved == 0
+    reader = GGUFReader(file)
+    tensors = {t.name: t for t in reader.tensors}
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    c = json.loads((out / "config.json").read_text())
+    source = ExportSource(out)
+    embd, heads, experts = c["hidden_size"], c["num_attention_heads"], c["n_routed_experts"]
+    rank, nope, rot, v = (c["kv_lora_rank"], c["qk_nope_head_dim"], c["qk_rope_head_dim"],
+                          c["v_head_dim"])
+    ff_exp, shared, dense = c["moe_intermediate_size"], c["n_shared_experts"], c["first_k_dense_replace"]
+    # llama.cpp's (llama-model.cpp, LLM_ARCH_DEEPSEEK2) shapes, ggml order (GGUFReader's)
+    shapes = {"token_embd": (embd, c["vocab_size"]), "output_norm": (embd,),
+              "output": (embd, c["vocab_size"])}
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        shapes.update({
+            b + "attn_norm": (embd,), b + "ffn_norm": (embd,),
+            b + "attn_q_a": (embd, c["q_lora_rank"]), b + "attn_q_a_norm": (c["q_lora_rank"],),
+            b + "attn_q_b": (c["q_lora_rank"], heads * (nope + rot)),
+            b + "attn_kv_a_mqa": (embd, rank + rot), b + "attn_kv_a_norm": (rank,),
+            b + "attn_k_b": (nope, rank, heads), b + "attn_v_b": (rank, v, heads),
+            b + "attn_output": (heads * v, embd)})
+        if i < dense:
+            shapes.update({b + "ffn_gate": (embd, c["intermediate_size"]),
+                           b + "ffn_up": (embd, c["intermediate_size"]),
+                           b + "ffn_down": (c["intermediate_size"], embd)})
+        else:
+            shapes.update({b + "ffn_gate_inp": (embd, experts), b + "exp_probs_b": (experts,),
+                           b + "ffn_gate_exps": (embd, ff_exp, experts),
+                           b + "ffn_up_exps": (embd, ff_exp, experts),
+                           b + "ffn_down_exps": (ff_exp, embd, experts),
+                           b + "ffn_gate_shexp": (embd, ff_exp * shared),
+                           b + "ffn_up_shexp": (embd, ff_exp * shared),
+                           b + "ffn_down_shexp": (ff_exp * shared, embd)})
+    known = {TENSOR_NAMES[k] for k in MODEL_TENSORS[MODEL_ARCH.DEEPSEEK2]}
+    for name in shapes:
+        assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", name) in known, name
+    suffix = {n: ".bias" if n.endswith("exp_probs_b") else ".weight" for n in shapes}
+    assert set(tensors) == {n + suffix[n] for n in shapes}
+    for name, shape in shapes.items():
+        assert tuple(int(d) for d in tensors[name + suffix[name]].shape) == shape, name
+
+    def values(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+
+    def own(lin_name: str) -> torch.Tensor:  # the output's codes with fp16 block parameters
+        lin = source.linear(lin_name)
+        d = lin.scale.half().float().repeat_interleave(32, 1)
+        m = (-lin.scale * lin.zero_point).half().float().repeat_interleave(32, 1)
+        return d * lin.codes.float() + m
+
+    moe = Checkpoint.open(model).arch.moe
+    plain = {"attn_q_a": "self_attn.q_a_proj", "attn_q_b": "self_attn.q_b_proj",
+             "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+             "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+             "ffn_up_shexp": "mlp.shared_experts.up_proj",
+             "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+    norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attn_q_a_norm": "self_attn.q_a_layernorm",
+             "attn_kv_a_norm": "self_attn.kv_a_layernorm"}
+    checked = set()
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for g, n in plain.items():
+            if f"blk.{i}.{g}" in shapes:
+                assert tensors[f"blk.{i}.{g}.weight"].tensor_type.name == "Q4_1"
+                assert torch.equal(values(f"blk.{i}.{g}.weight"), own(f"{p}{n}.weight")), (i, g)
+                checked.add(f"{p}{n}.weight")
+        kv_b = own(f"{p}self_attn.kv_b_proj.weight").view(heads, nope + v, rank)
+        checked.add(f"{p}self_attn.kv_b_proj.weight")
+        assert tensors[f"blk.{i}.attn_v_b.weight"].tensor_type.name == "Q4_1"
+        assert torch.equal(values(f"blk.{i}.attn_v_b.weight"), kv_b[:, nope:])
+        assert tensors[f"blk.{i}.attn_k_b.weight"].tensor_type.name == "F32"
+        assert torch.equal(values(f"blk.{i}.attn_k_b.weight"), kv_b[:, :nope].transpose(1, 2))
+        for g, n in norms.items():
+            assert tensors[f"blk.{i}.{g}.weight"].tensor_type.name == "F32"
+            assert torch.equal(values(f"blk.{i}.{g}.weight"), source.plain(f"{p}{n}.weight").float())
+        if i < dense:
+            continue
+        for kind, proj in zip(("gate", "up", "down"), moe.expert_linears, strict=True):
+            stack = values(f"blk.{i}.ffn_{kind}_exps.weight")
+            for e in range(experts):
+                name = f"{p}{moe.expert(e, proj)}.weight"
+                assert torch.equal(stack[e], own(name)), (i, kind, e)
+                checked.add(name)
+        for g, n in (("ffn_gate_inp.weight", "mlp.gate.weight"),
+                     ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias")):
+            assert tensors[f"blk.{i}.{g}"].tensor_type.name == "F32"
+            assert torch.equal(values(f"blk.{i}.{g}"), source.plain(p + n).float()), g
+    assert checked == set(source.output.quantized)  # every quantized linear, none left out
+
+    a = "deepseek2"
+    assert fields["general.architecture"] == a
+    want = {"block_count": LAYERS, "embedding_length": embd, "vocab_size": c["vocab_size"],
+            "feed_forward_length": c["intermediate_size"], "leading_dense_block_count": dense,
+            "attention.head_count": heads, "attention.head_count_kv": 1,
+            "attention.key_length": rank + rot, "attention.value_length": rank,
+            "attention.key_length_mla": nope + rot, "attention.value_length_mla": v,
+            "attention.q_lora_rank": c["q_lora_rank"], "attention.kv_lora_rank": rank,
+            "rope.dimension_count": rot, "expert_count": experts,
+            "expert_used_count": c["num_experts_per_tok"], "expert_shared_count": shared,
+            "expert_feed_forward_length": ff_exp, "expert_group_count": c["n_group"],
+            "expert_group_used_count": c["topk_group"], "expert_gating_func": 2,  # sigmoid
+            "expert_weights_norm": True, "context_length": c["max_position_embeddings"]}
+    for key, value in want.items():
+        assert fields[f"{a}.{key}"] == value, key
+    assert c["norm_topk_prob"] is True
+    assert fields[f"{a}.expert_weights_scale"] == pytest.approx(c["routed_scaling_factor"])
+    assert fields[f"{a}.attention.layer_norm_rms_epsilon"] == pytest.approx(c["rms_norm_eps"])
+    assert f"{a}.rope.scaling.type" not in fields  # plain RoPE in this config
+
+
+def test_gguf_refuses_moe_configs_llama_cpp_runs_differently(
+    moe_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The fixture's Qwen2-MoE: a dense layer among the MoE ones and renormalized top-k weights,
+    neither of which llama.cpp's qwen2moe has; a DeepSeek-V3 whose rotary runs on halves
+    (rope_interleave false), where llama.cpp's deepseek2 rotates interleaved pairs. Refused by
     quantize --format gguf in one line before any work."""
-    for family, words in (("deepseek_v3", "'deepseek_v3' has no GGUF export"),
-                          ("qwen2_moe", "qwen2_moe with norm_topk_prob True")):
+    deepseek = tmp_path / "deepseek-halves"
+    shutil.copytree(moe_models["deepseek_v3"], deepseek)
+    config = json.loads((deepseek / "config.json").read_text())
+    (deepseek / "config.json").write_text(json.dumps({**config, "rope_interleave": False}))
+    for family, folder, words in (
+            ("deepseek_v3", deepseek, "deepseek_v3 with rope_interleave False"),
+            ("qwen2_moe", moe_models["qwen2_moe"], "qwen2_moe with norm_topk_prob True")):
         out = tmp_path / family
-        line = one_line_error(neuqi("quantize", str(moe_models[family]), "--out", str(out),
+        line = one_line_error(neuqi("quantize", str(folder), "--out", str(out),
                                     *OPTIONS, "--format", "gguf"))
         assert words in line and "compressed-tensors" in line
         assert not out.exists() and not Path(f"{out}.job").exists()

@@ -254,6 +254,79 @@ def _experts_keys(w: Any, c: Any) -> None:
         w.add_expert_shared_feed_forward_length(int(shared))
 
 
+def _deepseek_refuse(c: Any) -> str | None:
+    """DeepSeek-V3 as llama.cpp's ``deepseek2`` runs it: rotary on interleaved pairs (its NORM
+    rope = transformers' ``rope_interleave``), no attention biases, sigmoid routing (transformers'
+    DeepseekV3 always uses it). YaRN only where llama.cpp's attention scale is transformers':
+    llama.cpp scales q·k by ``(1 + yarn_log_mul·ln s)² / sqrt(d)`` with ``yarn_log_mul = 0.1 ·
+    mscale_all_dim`` and leaves cos/sin unscaled, which is transformers' computation when
+    ``mscale == mscale_all_dim`` (its cos/sin factor ``mscale(s, mscale) / mscale(s,
+    mscale_all_dim)`` is then 1) and no ``attention_factor`` overrides it."""
+    if not getattr(c, "rope_interleave", True):
+        return "rope_interleave False (llama.cpp's deepseek2 rotates interleaved pairs)"
+    if getattr(c, "attention_bias", False):
+        return "attention_bias (llama.cpp's deepseek2 has no attention biases)"
+    score = getattr(c, "scoring_func", None) or "sigmoid"
+    if score != "sigmoid":
+        return f"scoring_func {score!r} (transformers' DeepseekV3 routes by sigmoid)"
+    rope = _rope(c)
+    kind = rope.get("rope_type") or "default"
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        return _default_rope(c)
+    if rope.get("attention_factor") is not None:
+        return ("a yarn attention_factor (llama.cpp's deepseek2 derives its attention scale from "
+                "mscale_all_dim alone)")
+    m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    if not m_all or float(m or 0.0) != float(m_all):
+        return (f"yarn mscale {m} and mscale_all_dim {m_all} (llama.cpp's deepseek2 runs "
+                f"transformers' scaling only where both are equal and set)")
+    if not rope.get("original_max_position_embeddings"):
+        return "yarn without original_max_position_embeddings"
+    return None
+
+
+def _deepseek_keys(w: Any, c: Any) -> None:
+    """convert_hf_to_gguf's DeepseekV2Model (and TextModel) keys: MLA written as MQA with one KV
+    head of width kv_lora_rank + rope dims, the first dense layers, shared experts, the expert
+    groups, sigmoid gating, routed scaling, top-k renormalization, YaRN."""
+    import gguf
+
+    rank, rope_dims = int(c.kv_lora_rank), int(c.qk_rope_head_dim)
+    w.add_head_count_kv(1)
+    w.add_key_length(rank + rope_dims)
+    w.add_value_length(rank)
+    w.add_key_length_mla(int(c.qk_nope_head_dim) + rope_dims)
+    w.add_value_length_mla(int(c.v_head_dim))
+    w.add_kv_lora_rank(rank)
+    if getattr(c, "q_lora_rank", None) is not None:
+        w.add_q_lora_rank(int(c.q_lora_rank))
+    w.add_rope_dimension_count(rope_dims)
+    w.add_leading_dense_block_count(int(c.first_k_dense_replace))
+    w.add_expert_shared_count(int(getattr(c, "n_shared_experts", None) or 0))
+    w.add_expert_weights_scale(float(c.routed_scaling_factor))
+    if getattr(c, "norm_topk_prob", False):
+        w.add_expert_weights_norm(True)
+    if getattr(c, "n_group", None) is not None:
+        w.add_expert_group_count(int(c.n_group))
+    if getattr(c, "topk_group", None) is not None:
+        w.add_expert_group_used_count(int(c.topk_group))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    rope = _rope(c)
+    if (rope.get("rope_type") or "default") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+        # [TAG_DEEPSEEK2_YARN_LOG_MUL_FIX]: 0.1 * mscale_all_dim, as the converter writes it
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+
+
 def _topk_norm(want: bool | None) -> Callable[[Any], str | None]:
     """The refusal of an MoE family whose top-k router weights llama.cpp renormalizes (``want``
     True), does not (False), or as transformers always does (None: Mixtral)."""
@@ -306,6 +379,9 @@ LAYOUTS: dict[str, Layout] = {
     "mixtral": Layout("llama", permute_qk=True, refuse=_topk_norm(None)),
     "qwen2_moe": Layout("qwen2moe", refuse=_topk_norm(False)),
     "qwen3_moe": Layout("qwen3moe", refuse=_topk_norm(True)),
+    # multi-head latent attention: kv_b_proj split into attn_k_b (transposed) / attn_v_b; the
+    # first dense layers, shared experts (ffn_*_shexp), e_score_correction_bias as exp_probs_b
+    "deepseek_v3": Layout("deepseek2", keys=_deepseek_keys, refuse=_deepseek_refuse),
 }
 ARCHS = LAYOUTS  # the families with a GGUF export (model_type -> Layout)
 # an expert linear: model.layers.{bid}.mlp.experts.{e}.{proj}.weight (block_sparse_moe: Mixtral
@@ -481,6 +557,8 @@ def _pre_tokenizer(tokenizer_json: dict[str, Any], model_type: str) -> str:
     if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         return "qwen2"
     pre = tokenizer_json.get("pre_tokenizer") or {}
+    if model_type == "deepseek_v3" and "一-龥" in json.dumps(pre, ensure_ascii=False):
+        return "deepseek-v3"  # its digit, CJK and word splits (llama.cpp's LLAMA_VOCAB_PRE_TYPE)
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
@@ -570,6 +648,8 @@ class GGUFExporter:
         if m and m["proj"] in self.expert_kinds:
             kind = self.expert_kinds[m["proj"]]
             return f"{gguf.TENSOR_NAMES[kind].format(bid=int(m['bid']))}.weight"
+        if name.endswith("e_score_correction_bias"):  # the converter's rename: exp_probs_b.bias
+            name = name[: -len("_bias")] + ".bias"
         new = self.names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise UserError(f"{self.source.path}: tensor {name} has no GGUF name for {self.arch}")
@@ -615,6 +695,9 @@ class GGUFExporter:
         if rows is not None:
             blocks = blocks[rows.numpy()]
         self.types[lin.name] = qtype
+        if self.arch == "deepseek2" and lin.name.endswith("self_attn.kv_b_proj.weight"):
+            self._add_kv_b(lin.name, qtype, blocks, approx)
+            return approx
         expert = _EXPERT.match(lin.name)
         if expert and expert["proj"] in self.expert_kinds:
             self._add_expert(self._gguf_name(lin.name), int(expert["e"]), qtype, blocks)
@@ -622,6 +705,28 @@ class GGUFExporter:
             self.writer.add_tensor(self._gguf_name(lin.name), np.ascontiguousarray(blocks),
                                    raw_dtype=gguf.GGMLQuantizationType[qtype])
         return approx
+
+    def _add_kv_b(self, name: str, qtype: str, blocks: np.ndarray, approx: torch.Tensor) -> None:
+        """DeepseekV2Model's split of ``kv_b_proj`` ``[heads·(nope + v), kv_lora_rank]`` for
+        llama.cpp's absorbed MLA: ``attn_v_b`` ``[heads, v, rank]`` keeps the linear's blocks
+        (rows along its input, as quantized); ``attn_k_b`` is transposed to ``[heads, rank,
+        nope]``, across the quantization groups, so no block type holds the codes: it is written
+        as the linear's dequantized weights in F32 (exactly what the blocks would give)."""
+        import gguf
+
+        c = self.config
+        nope, v = int(c.qk_nope_head_dim), int(c.v_head_dim)
+        base = name[: -len("kv_b_proj.weight")]
+        k_b = approx.view(self.n_head, nope + v, -1)[:, :nope].transpose(1, 2)
+        self.writer.add_tensor(self._gguf_name(f"{base}k_b_proj.weight"),
+                               np.ascontiguousarray(k_b.numpy()))
+        note = ("note: attn_k_b (kv_b_proj's key rows, transposed for llama.cpp's absorbed MLA) "
+                "written as F32 of the quantized weights: its rows cross the quantization groups")
+        if note not in self._notes:
+            self._notes.append(note)
+        v_b = blocks.reshape(self.n_head, nope + v, -1)[:, nope:]
+        self.writer.add_tensor(self._gguf_name(f"{base}v_b_proj.weight"),
+                               np.ascontiguousarray(v_b), raw_dtype=gguf.GGMLQuantizationType[qtype])
 
     def _add_expert(self, gname: str, e: int, qtype: str, blocks: np.ndarray) -> None:
         """Gather expert ``e``'s blocks of one layer's projection; the 3-D ``[experts, out,
@@ -694,23 +799,30 @@ class GGUFExporter:
         head_dim = _head_dim(c)
         rope = _rope(c)
         w.add_name(str(getattr(c, "_name_or_path", None) or self.source.path.name))
-        w.add_context_length(int(getattr(c, "max_position_embeddings", None) or 2048))
-        w.add_embedding_length(hidden)
-        w.add_block_count(self.n_layers)
-        w.add_feed_forward_length(int(c.intermediate_size))
-        w.add_head_count(self.n_head)
-        w.add_head_count_kv(self.n_kv)
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-        w.add_layer_norm_rms_eps(float(getattr(c, "rms_norm_eps", None) or 1e-6))
-        w.add_vocab_size(int(c.vocab_size))
+        self.layout.keys(w, c)  # the family's own keys first: a key is written once
         if self.n_experts:
             _experts_keys(w, c)
-        self.layout.keys(w, c)  # the family's own keys first: a key is written once
-        if gguf.Keys.Rope.DIMENSION_COUNT.format(arch=self.arch) not in _written(w):
-            w.add_rope_dimension_count(head_dim)
-        if gguf.Keys.Rope.FREQ_BASE.format(arch=self.arch) not in _written(w):
-            w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        written = _written(w)
+
+        def put(key: str, add: Callable[[Any], None], value: Any) -> None:
+            if key.format(arch=self.arch) not in written:
+                add(value)
+
+        k = gguf.Keys
+        put(k.LLM.CONTEXT_LENGTH, w.add_context_length,
+            int(getattr(c, "max_position_embeddings", None) or 2048))
+        put(k.LLM.EMBEDDING_LENGTH, w.add_embedding_length, hidden)
+        put(k.LLM.BLOCK_COUNT, w.add_block_count, self.n_layers)
+        put(k.LLM.FEED_FORWARD_LENGTH, w.add_feed_forward_length, int(c.intermediate_size))
+        put(k.Attention.HEAD_COUNT, w.add_head_count, self.n_head)
+        put(k.Attention.HEAD_COUNT_KV, w.add_head_count_kv, self.n_kv)
+        put(k.Attention.KEY_LENGTH, w.add_key_length, head_dim)
+        put(k.Attention.VALUE_LENGTH, w.add_value_length, head_dim)
+        put(k.Attention.LAYERNORM_RMS_EPS, w.add_layer_norm_rms_eps,
+            float(getattr(c, "rms_norm_eps", None) or 1e-6))
+        put(k.LLM.VOCAB_SIZE, w.add_vocab_size, int(c.vocab_size))
+        put(k.Rope.DIMENSION_COUNT, w.add_rope_dimension_count, head_dim)
+        put(k.Rope.FREQ_BASE, w.add_rope_freq_base, float(rope.get("rope_theta", 10000.0)))
         ftype = {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
                  "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
                  "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K}[self.qtype]
