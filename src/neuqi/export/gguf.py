@@ -25,8 +25,11 @@ applies rotary embeddings to interleaved pairs, transformers to halves).
 
 Families (:data:`LAYOUTS`, the one table of what differs per family): LLaMA / Mistral / Mixtral
 (``llama``), Qwen2 / Qwen3, Phi-3 (``phi3``: fused ``attn_qkv`` and ``ffn_up`` = gate | up), Gemma,
-Gemma 2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE. A mixture of experts' expert linears are
-stacked per layer and projection into 3-D ``ffn_{gate,up,down}_exps``; routers stay F32. What
+Gemma 2 / 3 (norms stored as 1 + w), Qwen2-MoE / Qwen3-MoE, DeepSeek-V3 (``deepseek2``: latent
+attention with ``kv_b_proj`` split into ``attn_k_b`` / ``attn_v_b`` as the current converter does,
+shared experts, the first dense layers, ``e_score_correction_bias`` as ``exp_probs_b``). A mixture
+of experts' expert linears are stacked per layer and projection into 3-D
+``ffn_{gate,up,down}_exps``; routers stay F32. What
 llama.cpp fixes for an architecture instead of reading it from the file (Gemma's layer kinds and
 query scale, Qwen-MoE's top-k renormalization, ...) is checked against the config, and a config
 llama.cpp would run differently from transformers is refused (:func:`check_family`), as is a
