@@ -53,6 +53,7 @@ import torch
 from neuqi.errors import UserError
 from neuqi.export.common import AtomicTarget, ExportSource, NativeLinear
 from neuqi.export.kquants import KSPECS, SUPER, KQuantized, solve_kquant
+from neuqi.export.spm import check_model, processor, read_spec, vocabulary
 from neuqi.solver import quantize_tensor
 
 BLOCK = 32  # weights per Q4_1 / Q5_1 block
@@ -436,8 +437,6 @@ def check_tokenizer(folder: Path, *, missing_ok: bool = False) -> tuple[str, dic
     is refused, as llama.cpp's converter would write it (gguf's LlamaHfVocab) with the placeholder
     score -1000 for every token, with which llama.cpp merges pieces in another order than the
     tokenizer; written as gpt2 it would be mis-tokenized too."""
-    from neuqi.export import spm
-
     tj_file, model_file = folder / "tokenizer.json", folder / "tokenizer.model"
     tj: dict[str, Any] = {}
     if tj_file.is_file():
@@ -463,7 +462,7 @@ def check_tokenizer(folder: Path, *, missing_ok: bool = False) -> tuple[str, dic
                         f"without its tokenizer.model; the GGUF export needs tokenizer.model for "
                         f"the token scores (llama.cpp's converter would write -1000 for every "
                         f"token, and llama.cpp would merge pieces in another order)")
-    spm.check_model(model_file, tj)
+    check_model(model_file, tj)
     return "llama", tj
 
 
@@ -880,11 +879,9 @@ class GGUFExporter:
         tokenizer.model's ``add_dummy_prefix``."""
         import gguf
 
-        from neuqi.export import spm
-
         model_file = folder / "tokenizer.model"
-        sp = spm.processor(model_file)
-        tokens, scores, types, notes = spm.vocabulary(folder, sp, vocab_size)
+        sp = processor(model_file)
+        tokens, scores, types, notes = vocabulary(folder, sp, vocab_size)
         self._notes.extend(notes)
         w = self.writer
         w.add_tokenizer_model("llama")
@@ -901,7 +898,7 @@ class GGUFExporter:
         elif isinstance(config.get("add_prefix_space"), bool):
             w.add_add_space_prefix(config["add_prefix_space"])
         else:
-            w.add_add_space_prefix(spm.read_spec(model_file).add_dummy_prefix)
+            w.add_add_space_prefix(read_spec(model_file).add_dummy_prefix)
 
     # --------------------------------------------------------------------------- finishing
     def finalize(self, report: dict[str, Any]) -> Path:
