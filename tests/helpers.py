@@ -142,3 +142,23 @@ def gguf_in_transformers(path: Path) -> torch.nn.Module:
             config.shared_expert_intermediate_size = key("expert_shared_feed_forward_length")
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
                                                 dtype=torch.float32)
+
+
+def quantize_w4g32_gguf(model: Path, tmp_path: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``model`` quantized by NeUQI at 4 bits in groups of 32 (4 x 32 calibration tokens), its
+    output exported as GGUF with the output's own codes (nothing re-solved), and the file read
+    back: ``(output folder, tensors by name, metadata values by key)``."""
+    from gguf import GGUFReader
+
+    from neuqi.export import export
+    from neuqi.pipeline.config import QuantizeConfig
+    from neuqi.pipeline.runner import quantize
+
+    out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
+                                  seqlen=32, batch_size=3, bits=4, group_size=32,
+                                  method="neuqi"), None, "cpu")
+    file = tmp_path / "m.gguf"
+    assert export(out, "gguf", file).re_solved == 0
+    reader = GGUFReader(file)
+    return (out, {t.name: t for t in reader.tensors},
+            {k: f.contents() for k, f in reader.fields.items()})

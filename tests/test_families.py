@@ -31,6 +31,7 @@ from helpers import (
     neuqi,
     one_line_error,
     output_tensors,
+    quantize_w4g32_gguf,
 )
 from test_reliability import Zygote
 
@@ -306,25 +307,13 @@ def test_gguf_gemma_is_llama_cpp_gemma_tensor_by_tensor(
     cannot read it back): every tensor llama.cpp's gemma loads (gguf's MODEL_TENSORS) with its
     shape, no output tensor (tied), the quantized linears Q4_1 with the output's own codes and
     fp16 block parameters, the norms as 1 + w, the embedding Q8_0, and the keys of the config."""
-    from gguf import GGUFReader
     from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
     from gguf.quants import dequantize, quantize
 
-    from neuqi.export import export
     from neuqi.export.common import ExportSource
-    from neuqi.pipeline import runner
-    from neuqi.pipeline.config import QuantizeConfig
 
     model = tiny_model_factory("gemma", **FAMILIES["gemma"])
-    out = runner.quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"),
-                                         nsamples=4, seqlen=32, batch_size=3, bits=4,
-                                         group_size=32, method="neuqi"), None, "cpu")
-    file = tmp_path / "m.gguf"
-    report = export(out, "gguf", file)
-    assert report.re_solved == 0
-    reader = GGUFReader(file)
-    tensors = {t.name: t for t in reader.tensors}
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+    out, tensors, fields = quantize_w4g32_gguf(model, tmp_path)
     config = json.loads((out / "config.json").read_text())
     source = ExportSource(out)
     layers, hidden, ffn = config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]

@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 import test_reliability as reliability
 import torch
-from helpers import TINY, assert_same_output, gguf_in_transformers, neuqi, one_line_error
+from helpers import (
+    TINY,
+    assert_same_output,
+    gguf_in_transformers,
+    neuqi,
+    one_line_error,
+    quantize_w4g32_gguf,
+)
 from test_reliability import Zygote
 
 from neuqi import faults
@@ -439,26 +446,14 @@ def test_gguf_export_stacks_the_experts(
     logits (up to the Q8_0 embedding and head and the fp16 block parameters). Mixtral: every
     expert of the stacks is the output's codes with its fp16 block parameters, the router and
     the expert keys are llama.cpp's."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from neuqi.export import export
     from neuqi.export.common import ExportSource
     from neuqi.export.gguf import qk_permutation
-    from neuqi.pipeline.config import QuantizeConfig
-    from neuqi.pipeline.runner import quantize
 
     config = tiny_moe_config(family, layers=LAYERS, **GGUF_CONFIGS[family])
     model = build_from_config(tmp_path / "model", config, seed=1, tokenizer_dir=tiny_tokenizer_dir)
-    out = quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"), nsamples=4,
-                                  seqlen=32, batch_size=3, bits=4, group_size=32,
-                                  method="neuqi"), None, "cpu")
-    file = tmp_path / "m.gguf"
-    report = export(out, "gguf", file)
-    assert report.re_solved == 0
-    reader = GGUFReader(file)
-    tensors = {t.name: t for t in reader.tensors}
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+    out, tensors, fields = quantize_w4g32_gguf(model, tmp_path)
     arch = fields["general.architecture"]
     assert arch == {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}[family]
     assert (fields[f"{arch}.expert_count"], fields[f"{arch}.expert_used_count"]) == (4, 2)
@@ -489,7 +484,7 @@ def test_gguf_export_stacks_the_experts(
         native = source.linear("model.layers.0.self_attn.q_proj.weight").dequantized()
         torch.testing.assert_close(q, native[qk_permutation(64, 4)], rtol=0, atol=2e-3)
         return
-    theirs = gguf_in_transformers(file)
+    theirs = gguf_in_transformers(tmp_path / "m.gguf")
     ours_model = load_quantized(out)
     with torch.no_grad():
         got, ours = theirs(_ids()).logits, ours_model(_ids()).logits
@@ -510,25 +505,13 @@ def test_gguf_deepseek_v3_is_llama_cpp_deepseek2_tensor_by_tensor(
     output's own codes with fp16 block parameters (experts stacked, shared experts as *_shexp);
     norms, router and e_score_correction_bias (as exp_probs_b.bias) in F32 as stored; the keys
     of the config, MLA written as one KV head of width kv_lora_rank + rope dims."""
-    from gguf import GGUFReader
     from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
     from gguf.quants import dequantize
 
-    from neuqi.export import export
     from neuqi.export.common import ExportSource
-    from neuqi.pipeline import runner
-    from neuqi.pipeline.config import QuantizeConfig
 
     model = moe_models["deepseek_v3"]
-    out = runner.quantize(QuantizeConfig(model=str(model), out=str(tmp_path / "out"),
-                                         nsamples=4, seqlen=32, batch_size=3, bits=4,
-                                         group_size=32, method="neuqi"), None, "cpu")
-    file = tmp_path / "m.gguf"
-    report = export(out, "gguf", file)
-    assert report.re_solved == 0
-    reader = GGUFReader(file)
-    tensors = {t.name: t for t in reader.tensors}
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+    out, tensors, fields = quantize_w4g32_gguf(model, tmp_path)
     c = json.loads((out / "config.json").read_text())
     source = ExportSource(out)
     embd, heads, experts = c["hidden_size"], c["num_attention_heads"], c["n_routed_experts"]
