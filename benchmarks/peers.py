@@ -1,7 +1,8 @@
 """The peers table: SmolLM2-135M quantized by NeUQI and by the tools a user would otherwise pick.
 
     python benchmarks/peers.py [--settings w2g64,w3g64,w4g64] [--peers autoround,gptq,hqq]
-        [--neuqi-methods neuqi,neuqi+gptq] [--iters 200] [--peers-python PYTHON]
+        [--neuqi-methods neuqi,neuqi+gptq] [--autoround-recipe default|light] [--iters N]
+        [--peers-python PYTHON]
         [--calib out/wikitext2-heldout.txt] [--nsamples 16] [--seqlen 512] [--seed 0]
         [--data data/wikitext2-test.raw] [--eval-seqlen 2048] [--max-windows 8]
         [--results benchmarks/results] [--workdir out/peers] [--timeout 0]
@@ -14,8 +15,9 @@ Rows, each at w2g64, w3g64 and w4g64 (asymmetric integer weights, groups of 64 i
   --method neuqi [--gptq] --calib FILE --nsamples 16 --seqlen 512 --seed 0 --device cpu``.
 - ``autoround``: AutoRound (package ``auto-round``, SignRound) with its defaults (iters 200,
   batch 8, its learning rate, bf16 autocast and ``torch.compile`` on the CPU, and so on) but our
-  calibration windows and ``sym=False``; ``--iters`` changes the tuning steps (stored with the
-  row). It is by far the slowest row on a CPU: about 160 s a decoder block at iters 200 on one
+  calibration windows and ``sym=False``; ``--autoround-recipe light`` takes AutoRound's own light
+  recipe instead (iters 50, lr 5e-3: what its ``auto-round-light`` command runs), and ``--iters``
+  changes the tuning steps (both stored with the row). It is by far the slowest row on a CPU: about 160 s a decoder block at iters 200 on one
   busy core (SmolLM2 has 30), so tens of minutes for each setting.
 - ``gptq``: GPTQ from llm-compressor (``oneshot`` with a ``GPTQModifier``: its defaults of block
   size, dampening and activation order) on every Linear but lm_head.
@@ -63,7 +65,8 @@ The peers run in their own virtual environment (their pins fight the project's: 
 Results accumulate in ``<results>/peers.json`` keyed ``SETTING/ROW`` (perplexity, times, the
 tool's version and settings, the date and the commit) under the protocol (calibration and
 evaluation options) they were made with: a rerun skips rows already measured (``--force`` redoes
-them; a row that failed is tried again; an AutoRound row made with other ``--iters`` is redone).
+them; a row that failed is tried again; an AutoRound row made with other iters or learning rate
+is redone).
 Each run rewrites ``peers.md`` (the table) from the stored rows; ``--report-only`` only does that.
 Threads: every process uses torch's default (all cores); pin a run with ``taskset`` if needed.
 
@@ -114,6 +117,18 @@ PEERS = {
     "gptq": "GPTQ, llm-compressor",
     "hqq": "HQQ",
 }
+# AutoRound's own recipes (auto_round.cli RECIPES; `auto-round` / `auto-round-light`):
+# name -> (iters, lr); lr None is AutoRound's default, 1 / iters.
+AUTOROUND_RECIPES: dict[str, tuple[int, float | None]] = {"default": (200, None),
+                                                          "light": (50, 5e-3)}
+
+
+def recipe_name(iters: int, lr: float | None) -> str:
+    """``"light recipe: "`` when (iters, lr) is one of AutoRound's own recipes but the default."""
+    for name, made in AUTOROUND_RECIPES.items():
+        if made == (iters, lr) and name != "default":
+            return f"{name} recipe: "
+    return ""
 
 
 def usage_error(message: str) -> NoReturn:
@@ -305,8 +320,10 @@ def row_label(row_name: str, rows: list[dict[str, Any]]) -> str:
         label += f" {', '.join(versions)}"
     notes = {"hqq": ["calibration-free"]}.get(row_name, [])
     if row_name == "autoround":
-        iters = sorted({r["settings"]["iters"] for r in rows if r.get("settings")})
-        notes += [f"iters {', '.join(map(str, iters))}"] if iters else []
+        made = sorted({(r["settings"]["iters"], r["settings"].get("lr")) for r in rows
+                       if r.get("settings")}, key=str)
+        notes += [f"{recipe_name(i, lr)}iters {i}" + (f", lr {lr:g}" if lr is not None else "")
+                  for i, lr in made]
     return label + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -367,7 +384,9 @@ def stale(row: dict[str, Any] | None, name: str, args: argparse.Namespace) -> bo
     """Whether the stored ``row`` must be measured (again)."""
     if row is None or "error" in row or args.force:
         return True
-    return name == "autoround" and row.get("settings", {}).get("iters") != args.iters
+    settings = row.get("settings", {})
+    return name == "autoround" and (settings.get("iters"), settings.get("lr")) != (args.iters,
+                                                                                   args.lr)
 
 
 def main() -> None:
@@ -382,7 +401,12 @@ def main() -> None:
                         help=f"peer rows, among {', '.join(PEERS)} ('' for none)")
     parser.add_argument("--neuqi-methods", default="neuqi,neuqi+gptq",
                         help=f"NeUQI rows, among {', '.join(NEUQI_METHODS)} ('' for none)")
-    parser.add_argument("--iters", type=int, default=200, help="AutoRound's tuning steps")
+    parser.add_argument("--autoround-recipe", choices=sorted(AUTOROUND_RECIPES),
+                        default="default",
+                        help="AutoRound's own recipe: default (iters 200, its learning rate) or "
+                             "light (iters 50, lr 5e-3, the `auto-round-light` command)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="AutoRound's tuning steps (default: the recipe's)")
     parser.add_argument("--peers-python", default=None,
                         help="python of the peers' virtual environment (default: "
                              "$NEUQI_PEERS_PYTHON)")
@@ -405,6 +429,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite peers.md from peers.json")
     args = parser.parse_args()
+    recipe_iters, args.lr = AUTOROUND_RECIPES[args.autoround_recipe]
+    if args.iters is None:
+        args.iters = recipe_iters
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -492,6 +519,8 @@ def main() -> None:
                 cmd = [python, str(RUNNER), "--tool", name, "--model", str(model_dir),
                        "--windows", str(windows), "--bits", str(bits), "--group-size",
                        str(group), "--iters", str(args.iters), "--out", str(out)]
+                if args.lr is not None:
+                    cmd += ["--lr", str(args.lr)]
                 rc, _, err, seconds = run(cmd, log, env=env, timeout=timeout)
                 problem = None if rc == 0 else failure(rc, err, log, timeout)
                 if problem is None:

@@ -63,7 +63,8 @@ def windows_of(path: Path) -> Any:
 
 
 def autoround(model: Any, tokenizer: Any, windows: Any, args: argparse.Namespace) -> dict:
-    """AutoRound (SignRound) with its defaults but our windows; iters default 200."""
+    """AutoRound (SignRound) with its defaults but our windows; iters default 200, ``--lr``
+    AutoRound's own (1 / iters) unless given."""
     import torch
     from auto_round import AutoRound
 
@@ -72,6 +73,8 @@ def autoround(model: Any, tokenizer: Any, windows: Any, args: argparse.Namespace
     settings = {"bits": args.bits, "group_size": args.group_size, "sym": False,
                 "iters": args.iters, "nsamples": len(samples), "seqlen": windows.shape[1],
                 "device_map": "cpu"}
+    if args.lr is not None:
+        settings["lr"] = args.lr
     start = time.perf_counter()
     rounder = AutoRound(model, tokenizer, dataset=samples, **settings)
     rounder.quantize()
@@ -183,6 +186,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, required=True)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=200, help="AutoRound's tuning steps")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AutoRound's learning rate (default: its own, 1 / iters)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
