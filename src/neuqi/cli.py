@@ -72,6 +72,14 @@ KEEP_JOB_HELP = ("Keep the job store's intermediate arrays after a complete run 
                  "once the output is written; the options and completion records stay).")
 
 
+# Options that several commands take, defined once so their help cannot drift apart.
+CalibOption = Annotated[str | None, typer.Option(
+    help="Calibration text: a .txt file or folder of them, a .jsonl/.json/.parquet file or a "
+         "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
+         "(streamed; default: the shipped text).")]
+CalibFieldOption = Annotated[str, typer.Option(help="The text field of --calib's records.")]
+
+
 def _log(as_json: bool) -> Any:
     from neuqi.progress import Log
 
@@ -92,13 +100,8 @@ def quantize(
         help="Input channels per group; -1 = one group per output channel.")] = 128,
     method: Annotated[Method, typer.Option(help="How scales and zero-points are chosen.")] = (
         Method.neuqi),
-    calib: Annotated[str | None, typer.Option(
-        help="Calibration text: a .txt file or folder of them, a .jsonl/.json/.parquet file or a "
-             "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
-             "(streamed; default: the shipped text).")
-    ] = None,
-    calib_field: Annotated[str, typer.Option(
-        help="The text field of --calib's records.")] = "text",
+    calib: CalibOption = None,
+    calib_field: CalibFieldOption = "text",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the calibration window choice.")] = 0,
@@ -417,13 +420,8 @@ def distill(
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 3e-4,
     norms: Annotated[bool, typer.Option(
         "--norms/--no-norms", help="Also train the RMSNorm weights.")] = False,
-    calib: Annotated[str | None, typer.Option(
-        help="Calibration text: a .txt file or folder of them, a .jsonl/.json/.parquet file or a "
-             "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
-             "(streamed; default: the shipped text).")
-    ] = None,
-    calib_field: Annotated[str, typer.Option(
-        help="The text field of --calib's records.")] = "text",
+    calib: CalibOption = None,
+    calib_field: CalibFieldOption = "text",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 256,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 2048,
     seed: Annotated[int, typer.Option(help="Seed of the windows and of their order.")] = 0,
