@@ -13,7 +13,8 @@ best coarse scale) and prints, per bits and group size:
   best case for the bound (the best loss known from the start);
 - how close the fine candidates' losses are to the best one (fraction within 0.1 %, 0.3 %, 1 %):
   a bound that prunes a fine candidate must be tighter than that gap, for every group;
-- the time one exact window step and one relaxed step take here, so that the per-group cost of
+- the time one exact window step (with no threshold to stop it early) and one relaxed step
+  take here, so that the per-group cost of
   the search (about 2 x 64 relaxed steps plus the exact steps counted above) can be read against
   a target rate: at 2 M weights/s a group of 64 has 32 us on this 2-core CPU (64 us of one core).
 
@@ -35,14 +36,12 @@ from neuqi import solver_numba as K
 
 
 @njit(cache=False)
-def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, half, work,
-                lc, bc, lf, bf):
+def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, half, buckets,
+                work, lc, bc, lf, bf):
     """Exact loss (``work`` 2) and bound of every coarse and fine candidate of each group;
     ``work`` 0 runs the relaxed steps only, 1 adds the exact steps (for the timings)."""
     groups, m = w.shape
-    buf = (np.empty(m, np.float64), np.empty(m, np.float64), np.empty(m, np.float64),
-           np.empty(m, np.int8), np.empty(m, np.int64), np.empty(m + 1, np.int64),
-           np.empty(m, np.int64))
+    buf = K._window_buffers(m, buckets)
     p_h = np.zeros(m + 1)
     p_hw = np.zeros(m + 1)
     p_hw2 = np.zeros(m + 1)
@@ -66,7 +65,7 @@ def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, ha
                 loss = 0.0
                 bound = 0.0
                 if work >= 1:
-                    loss = K._window_exact(w[g], h[g], s, z0, n1, buf)[1]
+                    loss = K._window_exact(w[g], h[g], s, z0, n1, np.inf, buckets, buf)[1]
                 if work >= 2:
                     bound = K._relaxed_bound(ws[g], p_h, p_hw, p_hw2, s, z0, n1)
                 if stage == 0:
@@ -89,7 +88,8 @@ def analyse(w: np.ndarray, h: np.ndarray, bits: int) -> dict[str, float]:
     n, c, f = w.shape[0], S.COARSE_STEPS, 2 * S.FINE_HALF_WIDTH
     lc, bc, lf, bf = np.zeros((n, c)), np.zeros((n, c)), np.zeros((n, f)), np.zeros((n, f))
     args = (w, h, ws.numpy(), hs.contiguous().numpy(), hp.numpy(), hwp.numpy(), s_mm.numpy(),
-            n1, S.RELAXED_BISECTIONS, c, S.FINE_DIVISOR, S.FINE_HALF_WIDTH)
+            n1, S.RELAXED_BISECTIONS, c, S.FINE_DIVISOR, S.FINE_HALF_WIDTH,
+            K.bucket_count(w.shape[1]))
     seconds = [np.inf, np.inf]
     for _ in range(3):
         for work in (0, 1):

@@ -11,8 +11,10 @@ group, with less work:
   visited in increasing bound order and the visit stops at the first one whose bound cannot beat
   the best loss found (branch and bound: the argmin does not change);
 - the exact window step (:func:`neuqi.solver.window_zero_point`) runs only on the visited
-  candidates, in float64, with one sort of the first crossings (the second crossings are the same
-  order shifted by one);
+  candidates, in float64, without a sort: the crossings are summed into buckets of the window,
+  whose edges give exact values and whose chords give lower bounds, and only the buckets that
+  could hold a better minimum (than the window's best so far and than the best candidate's
+  loss) are solved crossing by crossing (:func:`_window_exact`);
 - the integer window scan (NeUQI-int, and the NeUQI-int scale that NeUQI's second fine grid is
   centred on) is bounded the same way.
 
@@ -132,21 +134,53 @@ def _relaxed_bound(ws, p_h, p_hw, p_hw2, s, z0, n1):
     return max(low, 0.0) + max(high, 0.0)
 
 
-@njit(cache=True)
-def _window_exact(w, h, s, z0, n1, buf):
-    """:func:`neuqi.solver.window_zero_point` for one group and one scale, in float64: the exact
-    minimiser of ``E`` on ``[z₀ - 1, z₀ + 1]``. Returns ``(z, s² E(z))``.
+def bucket_count(m: int) -> int:
+    """Buckets per unit of ``u`` in :func:`_window_exact` for groups of ``m`` weights: about eight
+    crossings a bucket, sixteen in long rows (the fastest on the 2-core development CPU)."""
+    return max(2, m // 8) if m < 1024 else m // 16
 
-    The first crossings ``u₁ ∈ (0, 1]`` are ordered by a bucket sort (expected O(m)); the second
-    crossings ``u₁ + 1`` follow in the same order. ``buf``: scratch arrays of length ``m``."""
-    u_buf, r_buf, hv_buf, kind_buf, bucket_buf, count_buf, perm_buf = buf
+
+@njit(cache=True)
+def _window_buffers(m, k):
+    """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
+    f = np.float64
+    return (np.empty(m, f), np.empty(m, f), np.empty(m, f), np.empty(m, f),
+            np.empty(m, np.int64), np.empty(2 * k, f), np.empty(2 * k, f),
+            np.empty(2 * k, np.int64), np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
+            np.empty(m, np.int64), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
+            np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
+            np.empty(2 * k, np.int64))
+
+
+@njit(cache=True)
+def _window_exact(w, h, s, z0, n1, threshold, k, buf):
+    """:func:`neuqi.solver.window_zero_point` for one group and one scale, in float64: the exact
+    minimiser of ``E`` on ``[z₀ - 1, z₀ + 1]``. Returns ``(z, s² E(z))``, or ``(0, inf)`` when
+    ``s² E`` is above ``threshold`` everywhere on the window (the caller's best loss: then the
+    candidate cannot win and its minimiser is not needed).
+
+    With ``u = z - (z₀ - 1)`` the codes rise at ``u₁ ∈ (0, 1]`` and ``u₁ + 1``, and between
+    crossings ``E = u² + 2Bu + C``. Instead of sorting the crossings, the window is cut into
+    ``2 k`` buckets of width ``1/k``: each crossing adds its ``ΔB``, ``ΔC`` to its bucket, and one
+    sweep gives ``B`` and ``C`` at every bucket edge (so ``E`` there, exactly), the exact minimum
+    of every bucket without a crossing, and a lower bound for a bucket with crossings: ``E - u²``
+    is continuous and concave (each crossing lowers its slope), so it lies above its chord over
+    the bucket and the minimum of ``u² + chord`` bounds ``E`` from below. Only the buckets whose
+    bound is below the best value found (and below ``threshold``) are solved exactly: their few
+    crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
+    (u_a, r_a, h1_a, h2_a, bk_a, d_b, d_c, cnt, first, cursor, members, ref_u, ref_b, ref_c,
+     b_at, c_at, lbs, where) = buf
     m = w.shape[0]
     sd = np.float64(s)
     inv = 1.0 / sd
     start = np.float64(z0) - 1.0
+    kf = np.float64(k)
+    for b in range(2 * k):
+        d_b[b] = 0.0
+        d_c[b] = 0.0
+        cnt[b] = 0
     b0 = 0.0
     c0 = 0.0
-    k = 0
     for i in range(m):
         t = np.float64(w[i]) * inv + start
         c = np.floor(t + 0.5)
@@ -156,74 +190,118 @@ def _window_exact(w, h, s, z0, n1, buf):
         hi = np.float64(h[i])
         b0 += hi * d0
         c0 += hi * d0 * d0
-        # the code rises at u₁ = 0.5 - r if c is in [0, n1 - 1], and at u₁ + 1 if c is in
-        # [-1, n1 - 2]; kind 0: both, 1: the second only, 2: the first only
-        if c >= -1.0 and c <= n1 - 1.0 and hi > 0.0:
-            u_buf[k] = 0.5 - r
-            r_buf[k] = r
-            hv_buf[k] = hi
-            kind_buf[k] = 1 if c < 0.0 else (2 if c > n1 - 2.0 else 0)
-            k += 1
-    # bucket sort of u₁ (in (0, 1]) into k buckets, then insertion sort within buckets
-    for j in range(k + 1):
-        count_buf[j] = 0
-    for j in range(k):
-        bk = min(int(u_buf[j] * k), k - 1)
-        bucket_buf[j] = bk
-        count_buf[bk + 1] += 1
-    for j in range(k):
-        count_buf[j + 1] += count_buf[j]
-    for j in range(k):
-        bk = bucket_buf[j]
-        perm_buf[count_buf[bk]] = j
-        count_buf[bk] += 1
-    for a in range(1, k):
-        j = perm_buf[a]
-        key = u_buf[j]
-        p = a - 1
-        while p >= 0 and u_buf[perm_buf[p]] > key:
-            perm_buf[p + 1] = perm_buf[p]
-            p -= 1
-        perm_buf[p + 1] = j
-    b = b0
+        u1 = 0.5 - r
+        bk = min(int(u1 * kf), k - 1)
+        # the code rises at u₁ if c is in [0, n1 - 1], and at u₁ + 1 if c is in [-1, n1 - 2]
+        h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
+        h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
+        u_a[i] = u1
+        r_a[i] = r
+        h1_a[i] = h1
+        h2_a[i] = h2
+        bk_a[i] = bk
+        d_b[bk] += h1
+        d_c[bk] += h1 * (1.0 - 2.0 * r)
+        cnt[bk] += 1 if h1 > 0.0 else 0
+        d_b[k + bk] += h2
+        d_c[k + bk] += h2 * (3.0 - 2.0 * r)
+        cnt[k + bk] += 1 if h2 > 0.0 else 0
+    bb = b0
     cc = c0
-    lo = 0.0
-    best_u = 0.0
     best_e = np.inf
-    for phase in range(2):
-        skip_kind = 1 if phase == 0 else 2
-        for a in range(k):
-            i = perm_buf[a]
-            if kind_buf[i] == skip_kind:
-                continue
-            bound = u_buf[i] + phase
-            u = min(max(-b, lo), bound)
-            e = u * (u + 2.0 * b) + cc
+    best_u = 0.0
+    n_open = 0
+    for b in range(2 * k):
+        u_lo = b / kf
+        u_hi = (b + 1) / kf
+        if cnt[b] == 0:
+            u = min(max(-bb, u_lo), u_hi)
+            e = u * (u + 2.0 * bb) + cc
             if e < best_e:
                 best_e, best_u = e, u
-            hv = hv_buf[i]
-            b -= hv
-            cc += hv * ((1.0 + 2.0 * phase) - 2.0 * r_buf[i])
-            lo = bound
-    u = min(max(-b, lo), 2.0)
-    e = u * (u + 2.0 * b) + cc
-    if e < best_e:
-        best_e, best_u = e, u
-    # the sweep's E is exact up to float64 rounding (C and B are O(1) sums of h-weighted terms)
-    return start + best_u, sd * sd * best_e
-
-
-@njit(cache=True, inline="always")
-def _loss(w, h, s, z, n1):
-    """``s² E(z)`` in float64."""
-    sd = np.float64(s)
-    e = 0.0
-    for i in range(w.shape[0]):
-        t = np.float64(w[i]) / sd + z
-        q = min(max(np.round(t), 0.0), n1)
-        d = t - q
-        e += np.float64(h[i]) * d * d
-    return sd * sd * e
+            continue
+        b1 = bb - d_b[b]
+        c1 = cc + d_c[b]
+        g0 = 2.0 * bb * u_lo + cc
+        g1 = 2.0 * b1 * u_hi + c1
+        e0 = u_lo * u_lo + g0
+        e1 = u_hi * u_hi + g1
+        if e0 < best_e:
+            best_e, best_u = e0, u_lo
+        if e1 < best_e:
+            best_e, best_u = e1, u_hi
+        slope = (g1 - g0) * kf
+        u = min(max(-0.5 * slope, u_lo), u_hi)
+        lbs[n_open] = u * u + g0 + slope * (u - u_lo)
+        where[n_open] = b
+        b_at[n_open] = bb
+        c_at[n_open] = cc
+        n_open += 1
+        bb = b1
+        cc = c1
+    s2 = sd * sd
+    limit = threshold / s2
+    keep = 1.0 - PRUNE_MARGIN
+    need = False
+    for j in range(n_open):
+        if lbs[j] * keep < min(best_e, limit):
+            need = True
+            break
+    if need:
+        # the weights grouped by the bucket of their u₁ (a counting sort, unordered within)
+        for q in range(k + 1):
+            first[q] = 0
+        for i in range(m):
+            first[bk_a[i] + 1] += 1
+        for q in range(k):
+            first[q + 1] += first[q]
+            cursor[q] = first[q]
+        for i in range(m):
+            members[cursor[bk_a[i]]] = i
+            cursor[bk_a[i]] += 1
+        for j in range(n_open):
+            if not lbs[j] * keep < min(best_e, limit):
+                continue
+            b = where[j]
+            phase = 1 if b >= k else 0
+            q = b - k * phase
+            n = 0
+            for p in range(first[q], first[q + 1]):
+                i = members[p]
+                hv = h2_a[i] if phase == 1 else h1_a[i]
+                if hv > 0.0:  # insert the crossing into the bucket's sorted list
+                    pos = u_a[i] + phase
+                    dc = hv * ((1.0 + 2.0 * phase) - 2.0 * r_a[i])
+                    a = n - 1
+                    while a >= 0 and ref_u[a] > pos:
+                        ref_u[a + 1] = ref_u[a]
+                        ref_b[a + 1] = ref_b[a]
+                        ref_c[a + 1] = ref_c[a]
+                        a -= 1
+                    ref_u[a + 1] = pos
+                    ref_b[a + 1] = hv
+                    ref_c[a + 1] = dc
+                    n += 1
+            bb = b_at[j]
+            cc = c_at[j]
+            lo = b / kf
+            for a in range(n):
+                bound = ref_u[a]
+                u = min(max(-bb, lo), bound)
+                e = u * (u + 2.0 * bb) + cc
+                if e < best_e:
+                    best_e, best_u = e, u
+                bb -= ref_b[a]
+                cc += ref_c[a]
+                lo = bound
+            u = min(max(-bb, lo), (b + 1) / kf)
+            e = u * (u + 2.0 * bb) + cc
+            if e < best_e:
+                best_e, best_u = e, u
+    if best_e <= limit:
+        # E is exact up to float64 rounding (B and C are O(1) sums of h-weighted terms)
+        return start + best_u, s2 * best_e
+    return 0.0, np.inf
 
 
 @njit(cache=True)
@@ -257,7 +335,7 @@ def _window_integer(w, h, s, z0, n1):
 
 @njit(cache=True)
 def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations, integer,
-           threshold, want_int, z0s, bounds, buf):
+           threshold, want_int, z0s, bounds, buckets, buf):
     """Best candidate of ``scales`` (those not in ``skip``) whose loss is below ``threshold``.
 
     Returns ``(index, z, loss)`` (index -1 when none beats ``threshold``) and, with ``want_int``,
@@ -283,7 +361,7 @@ def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations
         if integer:
             z, loss = _window_integer(w, h, scales[j], z0s[j], n1)
         else:
-            z, loss = _window_exact(w, h, scales[j], z0s[j], n1, buf)
+            z, loss = _window_exact(w, h, scales[j], z0s[j], n1, best, buckets, buf)
         if loss < best or (loss == best and best_j >= 0 and j < best_j):
             best_j, best_z, best = j, z, loss
     best_int = -1
@@ -302,7 +380,7 @@ def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations
 
 @njit(cache=True, parallel=True)
 def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, coarse_steps,
-            fine_divisor, fine_half, scale_out, zero_out, evals_out):
+            fine_divisor, fine_half, buckets, scale_out, zero_out, evals_out):
     groups, m = w.shape
     n1 = levels - 1
     n_fine = 2 * fine_half
@@ -313,9 +391,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
         skip = np.zeros(c_max, np.bool_)
         z0s = np.empty(c_max, np.float32)
         bounds = np.empty(c_max, np.float64)
-        buf = (np.empty(m, np.float64), np.empty(m, np.float64), np.empty(m, np.float64),
-               np.empty(m, np.int8), np.empty(m, np.int64), np.empty(m + 1, np.int64),
-               np.empty(m, np.int64))
+        buf = _window_buffers(m, buckets)
         p_h = np.zeros(m + 1, np.float64)
         p_hw = np.zeros(m + 1, np.float64)
         p_hw2 = np.zeros(m + 1, np.float64)
@@ -337,7 +413,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
             j_c, z_c, loss_c, j_int, ev_c = _stage(
                 wg, hg, wsg, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
                 skip[:coarse_steps], n1, iterations, integer, np.inf, not integer, z0s, bounds,
-                buf)
+                buckets, buf)
             s_c = scales[j_c]
             k = 0
             for j in range(-fine_half, fine_half + 1):
@@ -360,7 +436,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
                 n_c = 2 * n_fine
             j_f, z_f, _, _, ev_f = _stage(
                 wg, hg, wsg, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c], skip[:n_c], n1,
-                iterations, integer, loss_c, False, z0s, bounds, buf)
+                iterations, integer, loss_c, False, z0s, bounds, buckets, buf)
             evals_out[g] = ev_c + ev_f
             if j_f >= 0:
                 scale_out[g] = scales[j_f]
@@ -389,6 +465,6 @@ def search_scale_numba(
     numba.set_num_threads(min(max(1, torch.get_num_threads()), numba.config.NUMBA_NUM_THREADS))
     _search(w.numpy(), h.numpy(), w_sorted.numpy(), h_sorted.contiguous().numpy(),
             hs_prefix.numpy(), hws_prefix.numpy(), s_mm.contiguous().numpy(), levels, integer,
-            iterations, *grid, scale, zero, evals)
+            iterations, *grid, bucket_count(w.shape[1]), scale, zero, evals)
     LAST_EVALS[0] = float(evals.mean()) if len(evals) else 0.0
     return torch.from_numpy(scale), torch.from_numpy(zero)
