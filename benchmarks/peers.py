@@ -73,6 +73,7 @@ Threads: every process uses torch's default (all cores); pin a run with ``taskse
 Cost, measured on the 2-core development machine with one thread while other jobs ran
 (2026-12-06): HQQ 16-30 s a setting; GPTQ 2 min (w4g64, 16 windows); AutoRound 160 s a decoder
 block at iters 200 after a first block of 250 s (``torch.compile``), so about 80 min a setting;
+its light recipe (iters 50) 32-40 min a setting at load 4-5 (2026-12-06);
 NeUQI and each evaluation as in the quality table. A check of the pipe: AutoRound with
 ``--iters 2`` keeps its round-to-nearest start, and the evaluator scores it 25.385 at w4g64,
 the quality table's ``minmax`` figure.
