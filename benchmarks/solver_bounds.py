@@ -46,11 +46,7 @@ def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, ha
     p_hw = np.zeros(m + 1)
     p_hw2 = np.zeros(m + 1)
     for g in range(groups):
-        for i in range(m):
-            hi, wi = np.float64(hs[g, i]), np.float64(ws[g, i])
-            p_h[i + 1] = p_h[i] + hi
-            p_hw[i + 1] = p_hw[i] + hi * wi
-            p_hw2[i + 1] = p_hw2[i] + hi * wi * wi
+        K._bound_prefix_sums(ws[g], hs[g], p_h, p_hw, p_hw2)
         smm = s_mm[g]
         best_j = 0
         for stage in range(2):

@@ -113,6 +113,19 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
 
 
 @njit(cache=True, inline="always")
+def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
+    """The float64 prefix sums of ``h``, ``h w`` and ``h w²`` in sorted order (``ws`` sorted,
+    ``hs`` in its order) that :func:`_relaxed_bound` reads, written into ``p_*`` (length m + 1,
+    ``p_*[0] = 0``)."""
+    for i in range(ws.shape[0]):
+        hi = np.float64(hs[i])
+        wi = np.float64(ws[i])
+        p_h[i + 1] = p_h[i] + hi
+        p_hw[i + 1] = p_hw[i] + hi * wi
+        p_hw2[i + 1] = p_hw2[i] + hi * wi * wi
+
+
+@njit(cache=True, inline="always")
 def _relaxed_bound(ws, p_h, p_hw, p_hw2, s, z0, n1):
     """``s² f(z₀)``: the relaxed objective at ``z₀`` as a loss, a lower bound of ``s² min E`` over
     the window (float64, from prefix sums of ``h``, ``h w``, ``h w²`` in sorted order)."""
@@ -146,7 +159,7 @@ def _window_buffers(m, k):
     f = np.float64
     return (np.empty(m, f), np.empty(m, f), np.empty(m, f), np.empty(m, f),
             np.empty(m, np.int64), np.empty(2 * k, f), np.empty(2 * k, f),
-            np.empty(2 * k, np.int64), np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
+            np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
             np.empty(m, np.int64), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
@@ -168,8 +181,8 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     the bucket and the minimum of ``u² + chord`` bounds ``E`` from below. Only the buckets whose
     bound is below the best value found (and below ``threshold``) are solved exactly: their few
     crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
-    (u_a, r_a, h1_a, h2_a, bk_a, d_b, d_c, cnt, first, cursor, members, ref_u, ref_b, ref_c,
-     b_at, c_at, lbs, where) = buf
+    (u_a, r_a, h1_a, h2_a, bk_a, d_b, d_c, first, cursor, members, ref_u, ref_b, ref_c, b_at,
+     c_at, lbs, where) = buf
     m = w.shape[0]
     sd = np.float64(s)
     inv = 1.0 / sd
@@ -178,7 +191,6 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     for b in range(2 * k):
         d_b[b] = 0.0
         d_c[b] = 0.0
-        cnt[b] = 0
     b0 = 0.0
     c0 = 0.0
     for i in range(m):
@@ -202,10 +214,8 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         bk_a[i] = bk
         d_b[bk] += h1
         d_c[bk] += h1 * (1.0 - 2.0 * r)
-        cnt[bk] += 1 if h1 > 0.0 else 0
         d_b[k + bk] += h2
         d_c[k + bk] += h2 * (3.0 - 2.0 * r)
-        cnt[k + bk] += 1 if h2 > 0.0 else 0
     bb = b0
     cc = c0
     best_e = np.inf
@@ -214,7 +224,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     for b in range(2 * k):
         u_lo = b / kf
         u_hi = (b + 1) / kf
-        if cnt[b] == 0:
+        if d_b[b] == 0.0:  # no crossing (d_b sums the crossings' h > 0)
             u = min(max(-bb, u_lo), u_hi)
             e = u * (u + 2.0 * bb) + cc
             if e < best_e:
@@ -400,12 +410,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
             wg, hg, wsg = w[g], h[g], ws[g]
             hsg, hwsg = hs_p[g], hws_p[g]
             hso = h_sorted[g]
-            for i in range(m):  # float64 prefix sums of h, h w, h w² in sorted order
-                hi = np.float64(hso[i])
-                wi = np.float64(wsg[i])
-                p_h[i + 1] = p_h[i] + hi
-                p_hw[i + 1] = p_hw[i] + hi * wi
-                p_hw2[i + 1] = p_hw2[i] + hi * wi * wi
+            _bound_prefix_sums(wsg, hso, p_h, p_hw, p_hw2)
             smm = s_mm[g]
             for i in range(coarse_steps):
                 scales[i] = smm * _F32((i + 1) / coarse_steps)
