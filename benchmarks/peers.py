@@ -17,8 +17,9 @@ Rows, each at w2g64, w3g64 and w4g64 (asymmetric integer weights, groups of 64 i
   batch 8, its learning rate, bf16 autocast and ``torch.compile`` on the CPU, and so on) but our
   calibration windows and ``sym=False``; ``--autoround-recipe light`` takes AutoRound's own light
   recipe instead (iters 50, lr 5e-3: what its ``auto-round-light`` command runs), and ``--iters``
-  changes the tuning steps (both stored with the row). It is by far the slowest row on a CPU: about 160 s a decoder block at iters 200 on one
-  busy core (SmolLM2 has 30), so tens of minutes for each setting.
+  changes the tuning steps (both stored with the row). It is by far the slowest row on a CPU:
+  about 160 s a decoder block at iters 200 on one busy core (SmolLM2 has 30), so tens of minutes
+  for each setting.
 - ``gptq``: GPTQ from llm-compressor (``oneshot`` with a ``GPTQModifier``: its defaults of block
   size, dampening and activation order) on every Linear but lm_head.
 - ``hqq``: HQQ (package ``hqq``, calibration-free) with its defaults (``BaseQuantizeConfig``:
