@@ -76,6 +76,8 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
     top = _F32(n1 + 0.5)
     x_min = ws[0] / s
     x_max = ws[m - 1] / s
+    if (x_max - x_min) <= _F32(n1 + 1):  # the group fits: the reference returns the centre
+        return _F32(0.5 * n1) - half * (x_max + x_min)
     total_h = hs_p[m]
     total_hw = hws_p[m]
     lo = -half - x_max
@@ -86,14 +88,17 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
     a = _F32(0.0)
     b = _F32(0.0)
     mid = _F32(0.0)
+    prev_low, prev_high = -1, -1
     for step in range(iterations + 1):
         mid = half * (lo + hi)
         k_low = _search_left(ws, kl_lo, kl_hi, (-half - mid) * s)
         k_high = _search_right(ws, kh_lo, kh_hi, (top - mid) * s)
-        h_high = total_h - hs_p[k_high]
-        hw_high = total_hw - hws_p[k_high]
-        a = hs_p[k_low] + h_high
-        b = (hws_p[k_low] + hw_high) / s - n1f * h_high
+        if k_low != prev_low or k_high != prev_high:  # same indices give the same a and b
+            h_high = total_h - hs_p[k_high]
+            hw_high = total_hw - hws_p[k_high]
+            a = hs_p[k_low] + h_high
+            b = (hws_p[k_low] + hw_high) / s - n1f * h_high
+            prev_low, prev_high = k_low, k_high
         if step == iterations:
             break
         if a * mid + b > _F32(0.0):
@@ -106,10 +111,7 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
         z0 = -b / max(a, _F32(1e-30))
     else:
         z0 = mid
-    z0 = min(max(z0, lo), hi)
-    if (x_max - x_min) <= _F32(n1 + 1):
-        return _F32(0.5 * n1) - half * (x_max + x_min)
-    return z0
+    return min(max(z0, lo), hi)
 
 
 @njit(cache=True, inline="always")
@@ -157,12 +159,44 @@ def bucket_count(m: int) -> int:
 def _window_buffers(m, k):
     """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
     f = np.float64
-    return (np.empty(m, f), np.empty(m, f), np.empty(m, f), np.empty(m, f),
-            np.empty(m, np.int64), np.empty(2 * k, f), np.empty(2 * k, f),
-            np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
+    return (np.empty(m, f), np.empty(m, f), np.empty(4 * m, f), np.empty(m, np.int32),
+            np.empty(4 * k, f), np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
             np.empty(m, np.int64), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
+
+
+@njit(cache=True, fastmath={"reassoc"})
+def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
+    """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
+    two sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
+    ``B`` and ``C`` at ``u = 0``; nothing else here is reassociated). Writes each weight's first
+    crossing ``u₁``, rounding residual ``r``, bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at
+    ``u₁ + 1`` (``vals[4 i : 4 i + 4]``, zero where the code does not rise there); returns
+    ``(B, C)`` at ``u = 0``."""
+    b0 = 0.0
+    c0 = 0.0
+    k = np.int32(kf)
+    for i in range(w.shape[0]):
+        t = np.float64(w[i]) * inv + start
+        c = np.floor(t + 0.5)
+        r = t - c
+        d0 = t - min(max(c, 0.0), n1)
+        hi = np.float64(h[i])
+        b0 += hi * d0
+        c0 += hi * d0 * d0
+        u1 = 0.5 - r
+        # the code rises at u₁ if c is in [0, n1 - 1], and at u₁ + 1 if c is in [-1, n1 - 2]
+        h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
+        h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
+        u_a[i] = u1
+        r_a[i] = r
+        bk_a[i] = min(np.int32(u1 * kf), k - 1)
+        vals[4 * i] = h1
+        vals[4 * i + 1] = h1 * (1.0 - 2.0 * r)
+        vals[4 * i + 2] = h2
+        vals[4 * i + 3] = h2 * (3.0 - 2.0 * r)
+    return b0, c0
 
 
 @njit(cache=True)
@@ -181,41 +215,22 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     the bucket and the minimum of ``u² + chord`` bounds ``E`` from below. Only the buckets whose
     bound is below the best value found (and below ``threshold``) are solved exactly: their few
     crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
-    (u_a, r_a, h1_a, h2_a, bk_a, d_b, d_c, first, cursor, members, ref_u, ref_b, ref_c, b_at,
-     c_at, lbs, where) = buf
+    (u_a, r_a, vals, bk_a, acc, first, cursor, members, ref_u, ref_b, ref_c, b_at, c_at, lbs,
+     where) = buf
     m = w.shape[0]
     sd = np.float64(s)
-    inv = 1.0 / sd
     start = np.float64(z0) - 1.0
     kf = np.float64(k)
-    for b in range(2 * k):
-        d_b[b] = 0.0
-        d_c[b] = 0.0
-    b0 = 0.0
-    c0 = 0.0
+    b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, r_a, vals, bk_a)
+    # acc[4 q : 4 q + 4]: the sums of (ΔB, ΔC) at u₁ and at u₁ + 1 of the crossings of bucket q
+    for q in range(4 * k):
+        acc[q] = 0.0
     for i in range(m):
-        t = np.float64(w[i]) * inv + start
-        c = np.floor(t + 0.5)
-        r = t - c
-        q0 = min(max(c, 0.0), n1)
-        d0 = t - q0
-        hi = np.float64(h[i])
-        b0 += hi * d0
-        c0 += hi * d0 * d0
-        u1 = 0.5 - r
-        bk = min(int(u1 * kf), k - 1)
-        # the code rises at u₁ if c is in [0, n1 - 1], and at u₁ + 1 if c is in [-1, n1 - 2]
-        h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
-        h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
-        u_a[i] = u1
-        r_a[i] = r
-        h1_a[i] = h1
-        h2_a[i] = h2
-        bk_a[i] = bk
-        d_b[bk] += h1
-        d_c[bk] += h1 * (1.0 - 2.0 * r)
-        d_b[k + bk] += h2
-        d_c[k + bk] += h2 * (3.0 - 2.0 * r)
+        q = 4 * bk_a[i]
+        acc[q] += vals[4 * i]
+        acc[q + 1] += vals[4 * i + 1]
+        acc[q + 2] += vals[4 * i + 2]
+        acc[q + 3] += vals[4 * i + 3]
     bb = b0
     cc = c0
     best_e = np.inf
@@ -224,14 +239,17 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     for b in range(2 * k):
         u_lo = b / kf
         u_hi = (b + 1) / kf
-        if d_b[b] == 0.0:  # no crossing (d_b sums the crossings' h > 0)
+        # bucket b < k holds the first crossings of weights in bucket b, b >= k the second ones
+        slot = 4 * b if b < k else 4 * (b - k) + 2
+        db = acc[slot]
+        if db == 0.0:  # no crossing (db sums the crossings' h > 0)
             u = min(max(-bb, u_lo), u_hi)
             e = u * (u + 2.0 * bb) + cc
             if e < best_e:
                 best_e, best_u = e, u
             continue
-        b1 = bb - d_b[b]
-        c1 = cc + d_c[b]
+        b1 = bb - db
+        c1 = cc + acc[slot + 1]
         g0 = 2.0 * bb * u_lo + cc
         g1 = 2.0 * b1 * u_hi + c1
         e0 = u_lo * u_lo + g0
@@ -278,10 +296,10 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
             n = 0
             for p in range(first[q], first[q + 1]):
                 i = members[p]
-                hv = h2_a[i] if phase == 1 else h1_a[i]
+                hv = vals[4 * i + 2 * phase]
                 if hv > 0.0:  # insert the crossing into the bucket's sorted list
                     pos = u_a[i] + phase
-                    dc = hv * ((1.0 + 2.0 * phase) - 2.0 * r_a[i])
+                    dc = vals[4 * i + 2 * phase + 1]
                     a = n - 1
                     while a >= 0 and ref_u[a] > pos:
                         ref_u[a + 1] = ref_u[a]
@@ -314,6 +332,25 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     return 0.0, np.inf
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _integer_sums(w, h, inv, first, n1):
+    """``E`` at the integers ``first``, ``first + 1`` and ``first + 2`` in one pass (for
+    :func:`_window_integer`); ``reassoc`` lets the three sums run on SIMD lanes."""
+    e0 = 0.0
+    e1 = 0.0
+    e2 = 0.0
+    for i in range(w.shape[0]):
+        t = np.float64(w[i]) * inv + first
+        hi = np.float64(h[i])
+        d = t - min(max(np.rint(t), 0.0), n1)  # rint: half to even, as torch.round
+        e0 += hi * d * d
+        d = t + 1.0 - min(max(np.rint(t + 1.0), 0.0), n1)
+        e1 += hi * d * d
+        d = t + 2.0 - min(max(np.rint(t + 2.0), 0.0), n1)
+        e2 += hi * d * d
+    return e0, e1, e2
+
+
 @njit(cache=True)
 def _window_integer(w, h, s, z0, n1):
     """:func:`neuqi.solver.window_integer_zero_point` for one group and scale: the best integer
@@ -321,19 +358,7 @@ def _window_integer(w, h, s, z0, n1):
     three integers are scored in one pass."""
     first = np.ceil(np.float64(z0 - _F32(1.0)))
     top = np.float64(z0 + _F32(1.0))
-    inv = 1.0 / np.float64(s)
-    e0 = 0.0
-    e1 = 0.0
-    e2 = 0.0
-    for i in range(w.shape[0]):
-        t = np.float64(w[i]) * inv + first
-        hi = np.float64(h[i])
-        d = t - min(max(np.round(t), 0.0), n1)
-        e0 += hi * d * d
-        d = t + 1.0 - min(max(np.round(t + 1.0), 0.0), n1)
-        e1 += hi * d * d
-        d = t + 2.0 - min(max(np.round(t + 2.0), 0.0), n1)
-        e2 += hi * d * d
+    e0, e1, e2 = _integer_sums(w, h, 1.0 / np.float64(s), first, np.float64(n1))
     best_z, best = first, e0
     if first + 1.0 <= top and e1 < best:
         best_z, best = first + 1.0, e1
