@@ -160,8 +160,7 @@ def _window_buffers(m, k):
     """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
     f = np.float64
     return (np.empty(m, f), np.empty(m, f), np.empty(4 * m, f), np.empty(m, np.int32),
-            np.empty(4 * k, f), np.empty(k + 1, np.int64), np.empty(k + 1, np.int64),
-            np.empty(m, np.int64), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
+            np.empty(4 * k, f), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
 
@@ -215,8 +214,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     the bucket and the minimum of ``u² + chord`` bounds ``E`` from below. Only the buckets whose
     bound is below the best value found (and below ``threshold``) are solved exactly: their few
     crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
-    (u_a, r_a, vals, bk_a, acc, first, cursor, members, ref_u, ref_b, ref_c, b_at, c_at, lbs,
-     where) = buf
+    u_a, r_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
     m = w.shape[0]
     sd = np.float64(s)
     start = np.float64(z0) - 1.0
@@ -270,34 +268,26 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     s2 = sd * sd
     limit = threshold / s2
     keep = 1.0 - PRUNE_MARGIN
-    need = False
-    for j in range(n_open):
-        if lbs[j] * keep < min(best_e, limit):
-            need = True
+    # refine the open buckets by increasing bound, while the next could still hold a better value
+    while True:
+        j = -1
+        lb_min = np.inf
+        for jj in range(n_open):
+            if lbs[jj] < lb_min:
+                lb_min, j = lbs[jj], jj
+        if j < 0 or not lb_min * keep < min(best_e, limit):
             break
-    if need:
-        # the weights grouped by the bucket of their u₁ (a counting sort, unordered within)
-        for q in range(k + 1):
-            first[q] = 0
+        lbs[j] = np.inf
+        b = where[j]
+        phase = 1 if b >= k else 0
+        q = b - k * phase
+        # its crossings, sorted by insertion (about eight; a scan of the bucket numbers is
+        # cheaper than grouping all weights by bucket when few buckets are refined)
+        n = 0
         for i in range(m):
-            first[bk_a[i] + 1] += 1
-        for q in range(k):
-            first[q + 1] += first[q]
-            cursor[q] = first[q]
-        for i in range(m):
-            members[cursor[bk_a[i]]] = i
-            cursor[bk_a[i]] += 1
-        for j in range(n_open):
-            if not lbs[j] * keep < min(best_e, limit):
-                continue
-            b = where[j]
-            phase = 1 if b >= k else 0
-            q = b - k * phase
-            n = 0
-            for p in range(first[q], first[q + 1]):
-                i = members[p]
+            if bk_a[i] == q:
                 hv = vals[4 * i + 2 * phase]
-                if hv > 0.0:  # insert the crossing into the bucket's sorted list
+                if hv > 0.0:
                     pos = u_a[i] + phase
                     dc = vals[4 * i + 2 * phase + 1]
                     a = n - 1
@@ -310,22 +300,22 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
                     ref_b[a + 1] = hv
                     ref_c[a + 1] = dc
                     n += 1
-            bb = b_at[j]
-            cc = c_at[j]
-            lo = b / kf
-            for a in range(n):
-                bound = ref_u[a]
-                u = min(max(-bb, lo), bound)
-                e = u * (u + 2.0 * bb) + cc
-                if e < best_e:
-                    best_e, best_u = e, u
-                bb -= ref_b[a]
-                cc += ref_c[a]
-                lo = bound
-            u = min(max(-bb, lo), (b + 1) / kf)
+        bb = b_at[j]
+        cc = c_at[j]
+        lo = b / kf
+        for a in range(n):
+            bound = ref_u[a]
+            u = min(max(-bb, lo), bound)
             e = u * (u + 2.0 * bb) + cc
             if e < best_e:
                 best_e, best_u = e, u
+            bb -= ref_b[a]
+            cc += ref_c[a]
+            lo = bound
+        u = min(max(-bb, lo), (b + 1) / kf)
+        e = u * (u + 2.0 * bb) + cc
+        if e < best_e:
+            best_e, best_u = e, u
     if best_e <= limit:
         # E is exact up to float64 rounding (B and C are O(1) sums of h-weighted terms)
         return start + best_u, s2 * best_e
