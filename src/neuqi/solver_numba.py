@@ -69,7 +69,10 @@ def _search_right(a, lo, hi, v):
 @njit(cache=True)
 def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
     """:func:`neuqi.solver.relaxed_zero_point` for one group and one scale, in the same float32
-    operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums)."""
+    operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
+
+    Returns ``(z₀, k_low, k_high)``: the clipping indices of the last evaluation (for
+    :func:`_relaxed_bound`; ``0, m`` when the group fits)."""
     m = ws.shape[0]
     half = _F32(0.5)
     n1f = _F32(n1)
@@ -77,7 +80,7 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
     x_min = ws[0] / s
     x_max = ws[m - 1] / s
     if (x_max - x_min) <= _F32(n1 + 1):  # the group fits: the reference returns the centre
-        return _F32(0.5 * n1) - half * (x_max + x_min)
+        return _F32(0.5 * n1) - half * (x_max + x_min), 0, m
     total_h = hs_p[m]
     total_hw = hws_p[m]
     lo = -half - x_max
@@ -111,7 +114,7 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
         z0 = -b / max(a, _F32(1e-30))
     else:
         z0 = mid
-    return min(max(z0, lo), hi)
+    return min(max(z0, lo), hi), prev_low, prev_high
 
 
 @njit(cache=True, inline="always")
@@ -128,16 +131,18 @@ def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
 
 
 @njit(cache=True, inline="always")
-def _relaxed_bound(ws, p_h, p_hw, p_hw2, s, z0, n1):
+def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high):
     """``s² f(z₀)``: the relaxed objective at ``z₀`` as a loss, a lower bound of ``s² min E`` over
-    the window (float64, from prefix sums of ``h``, ``h w``, ``h w²`` in sorted order)."""
-    m = ws.shape[0]
+    the window (float64, from prefix sums of ``h``, ``h w``, ``h w²`` in sorted order). The
+    clipped sets are those of the bisection's last point (``k_low``, ``k_high``), within the
+    final bracket of ``z₀``: a weight they class otherwise than ``z₀`` would lies so close to a
+    clipping edge that its term is dropped where positive and negative where added, so the
+    value stays at or below ``f(z₀)``."""
+    m = p_h.shape[0] - 1
     sd = np.float64(s)
     zs = np.float64(z0) * sd
     # below the range: w + z s < -s/2, contributes (w + z s)² - s²/4
-    k_low = _search_left(ws, 0, m, _F32((-0.5 - np.float64(z0)) * sd))
     # above: w + z s - n1 s > s/2, contributes (w + z s - n1 s)² - s²/4
-    k_high = _search_right(ws, 0, m, _F32((n1 + 0.5 - np.float64(z0)) * sd))
     q = sd * sd * 0.25
     h_l, hw_l, hw2_l = p_h[k_low], p_hw[k_low], p_hw2[k_low]
     low = h_l * zs * zs + 2.0 * zs * hw_l + hw2_l - h_l * q
@@ -372,8 +377,9 @@ def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations
         if skip[j]:
             bounds[j] = np.inf
             continue
-        z0s[j] = _relaxed_z0(ws, hs_p, hws_p, scales[j], n1, iterations)
-        bounds[j] = _relaxed_bound(ws, p_h, p_hw, p_hw2, scales[j], z0s[j], n1)
+        z0, k_low, k_high = _relaxed_z0(ws, hs_p, hws_p, scales[j], n1, iterations)
+        z0s[j] = z0
+        bounds[j] = _relaxed_bound(p_h, p_hw, p_hw2, scales[j], z0, n1, k_low, k_high)
     idx = np.argsort(bounds[:c], kind="mergesort")
     keep = 1.0 - PRUNE_MARGIN
     best_j, best_z, best = -1, 0.0, threshold
