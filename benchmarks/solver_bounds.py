@@ -57,13 +57,13 @@ def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, ha
                 else:
                     k = j - half if j < half else j - half + 1
                     s = smm * np.float32((best_j + 1) / coarse) + smm * np.float32(k / divisor)
-                z0, k_low, k_high = K._relaxed_z0(ws[g], hp[g], hwp[g], s, n1, iterations)
+                z0, k_low, k_high, _, _ = K._relaxed_z0(ws[g], hp[g], hwp[g], s, n1, iterations, False)
                 loss = 0.0
                 bound = 0.0
                 if work >= 1:
                     loss = K._window_exact(w[g], h[g], s, z0, n1, np.inf, buckets, buf)[1]
                 if work >= 2:
-                    bound = K._relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high)
+                    bound = K._relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high, 0.0)
                 if stage == 0:
                     lc[g, j], bc[g, j] = loss, bound
                 else:

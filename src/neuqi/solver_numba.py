@@ -67,12 +67,20 @@ def _search_right(a, lo, hi, v):
 
 
 @njit(cache=True)
-def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
+def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     """:func:`neuqi.solver.relaxed_zero_point` for one group and one scale, in the same float32
     operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
 
-    Returns ``(z₀, k_low, k_high)``: the clipping indices of the last evaluation (for
-    :func:`_relaxed_bound`; ``0, m`` when the group fits)."""
+    Returns ``(z₀, k_low, k_high, z_k, spread)`` for :func:`_relaxed_bound`: the clipping
+    indices of the last evaluation (``0, m`` when the group fits), the point to bound ``f`` at
+    (``z₀``) and how far the minimiser may lie from it (``0``).
+
+    With ``integer`` (NeUQI-int, which needs of ``z₀`` only the integers within one of it) the
+    bisection stops as soon as its bracket lies between two consecutive integers ``n`` and
+    ``n + 1`` (clear of both by far more than float32 rounding): ``z₀`` will end inside the
+    bracket, so those integers are ``n`` and ``n + 1`` whatever the remaining steps do. It then
+    returns the bracket's centre, which has the same two integers, the last point's indices,
+    that point, and the bracket's width as the spread."""
     m = ws.shape[0]
     half = _F32(0.5)
     n1f = _F32(n1)
@@ -80,7 +88,8 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
     x_min = ws[0] / s
     x_max = ws[m - 1] / s
     if (x_max - x_min) <= _F32(n1 + 1):  # the group fits: the reference returns the centre
-        return _F32(0.5 * n1) - half * (x_max + x_min), 0, m
+        centre = _F32(0.5 * n1) - half * (x_max + x_min)
+        return centre, 0, m, centre, _F32(0.0)
     total_h = hs_p[m]
     total_hw = hws_p[m]
     lo = -half - x_max
@@ -110,11 +119,17 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations):
         else:
             lo = mid
             kl_hi, kh_hi = k_low, k_high
+        if integer:
+            n = np.floor(lo)
+            margin = _F32(1e-6) * (abs(lo) + abs(hi) + _F32(2.0))
+            if lo >= n + margin and hi <= n + _F32(1.0) - margin:
+                return half * (lo + hi), k_low, k_high, mid, hi - lo
     if a > _F32(0.0):
         z0 = -b / max(a, _F32(1e-30))
     else:
         z0 = mid
-    return min(max(z0, lo), hi), prev_low, prev_high
+    z0 = min(max(z0, lo), hi)
+    return z0, prev_low, prev_high, z0, _F32(0.0)
 
 
 @njit(cache=True, inline="always")
@@ -131,13 +146,17 @@ def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
 
 
 @njit(cache=True, inline="always")
-def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high):
+def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high, spread):
     """``s² f(z₀)``: the relaxed objective at ``z₀`` as a loss, a lower bound of ``s² min E`` over
     the window (float64, from prefix sums of ``h``, ``h w``, ``h w²`` in sorted order). The
     clipped sets are those of the bisection's last point (``k_low``, ``k_high``), within the
     final bracket of ``z₀``: a weight they class otherwise than ``z₀`` would lies so close to a
     clipping edge that its term is dropped where positive and negative where added, so the
-    value stays at or below ``f(z₀)``."""
+    value stays at or below ``f(z₀)``.
+
+    With ``spread > 0`` the minimiser of ``f`` is only known to within ``spread`` of ``z₀`` (the
+    bisection stopped early), and the bound is the tangent's: ``f`` is convex, so its minimum is
+    at least ``f(z₀) - |f'(z₀)| spread``."""
     m = p_h.shape[0] - 1
     sd = np.float64(s)
     zs = np.float64(z0) * sd
@@ -151,7 +170,11 @@ def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high):
     hw_h = p_hw[m] - p_hw[k_high]
     hw2_h = p_hw2[m] - p_hw2[k_high]
     high = h_h * sh * sh + 2.0 * sh * hw_h + hw2_h - h_h * q
-    return max(low, 0.0) + max(high, 0.0)
+    value = max(low, 0.0) + max(high, 0.0)
+    if spread > 0.0:
+        slope = 2.0 * sd * (hw_l + zs * h_l + hw_h + sh * h_h)  # d(s² f)/dz
+        value = max(value - abs(slope) * np.float64(spread), 0.0)
+    return value
 
 
 def bucket_count(m: int) -> int:
@@ -377,9 +400,10 @@ def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations
         if skip[j]:
             bounds[j] = np.inf
             continue
-        z0, k_low, k_high = _relaxed_z0(ws, hs_p, hws_p, scales[j], n1, iterations)
+        z0, k_low, k_high, z_k, spread = _relaxed_z0(ws, hs_p, hws_p, scales[j], n1, iterations,
+                                                     integer)
         z0s[j] = z0
-        bounds[j] = _relaxed_bound(p_h, p_hw, p_hw2, scales[j], z0, n1, k_low, k_high)
+        bounds[j] = _relaxed_bound(p_h, p_hw, p_hw2, scales[j], z_k, n1, k_low, k_high, spread)
     idx = np.argsort(bounds[:c], kind="mergesort")
     keep = 1.0 - PRUNE_MARGIN
     best_j, best_z, best = -1, 0.0, threshold
