@@ -71,9 +71,12 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     """:func:`neuqi.solver.relaxed_zero_point` for one group and one scale, in the same float32
     operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
 
-    Returns ``(z₀, k_low, k_high, z_k, spread)`` for :func:`_relaxed_bound`: the clipping
-    indices of the last evaluation (``0, m`` when the group fits), the point to bound ``f`` at
-    (``z₀``) and how far the minimiser may lie from it (``0``).
+    Returns ``(z₀, k_low, k_high, z_k, spread)`` for :func:`_relaxed_bound`: the point ``z_k``
+    of the last evaluation and its clipping indices, and how far from ``z_k`` the minimiser of
+    ``f`` may lie (half the final bracket; ``0`` with ``0, m`` when the group fits, where
+    ``f(z₀) = 0``). ``s² f(z₀)`` itself is no bound: where a heavy weight sits at a clipping
+    edge ``f`` is steep, and ``z₀``, within the bracket but not at the minimiser, can have
+    ``f(z₀)`` far above the window's smallest loss.
 
     With ``integer`` (NeUQI-int, which needs of ``z₀`` only the integers within one of it) the
     bisection stops as soon as its bracket lies between two consecutive integers ``n`` and
@@ -128,8 +131,8 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
         z0 = -b / max(a, _F32(1e-30))
     else:
         z0 = mid
-    z0 = min(max(z0, lo), hi)
-    return z0, prev_low, prev_high, z0, _F32(0.0)
+    # the minimiser of f lies in [lo, hi], at most half its width from mid, the last point
+    return min(max(z0, lo), hi), prev_low, prev_high, mid, half * (hi - lo)
 
 
 @njit(cache=True, inline="always")
@@ -146,20 +149,16 @@ def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
 
 
 @njit(cache=True, inline="always")
-def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high, spread):
-    """``s² f(z₀)``: the relaxed objective at ``z₀`` as a loss, a lower bound of ``s² min E`` over
-    the window (float64, from prefix sums of ``h``, ``h w``, ``h w²`` in sorted order). The
-    clipped sets are those of the bisection's last point (``k_low``, ``k_high``), within the
-    final bracket of ``z₀``: a weight they class otherwise than ``z₀`` would lies so close to a
-    clipping edge that its term is dropped where positive and negative where added, so the
-    value stays at or below ``f(z₀)``.
-
-    With ``spread > 0`` the minimiser of ``f`` is only known to within ``spread`` of ``z₀`` (the
-    bisection stopped early), and the bound is the tangent's: ``f`` is convex, so its minimum is
-    at least ``f(z₀) - |f'(z₀)| spread``."""
+def _relaxed_bound(p_h, p_hw, p_hw2, s, z, n1, k_low, k_high, spread):
+    """A lower bound of ``s² E`` anywhere, so of the window's smallest loss (float64, from prefix
+    sums of ``h``, ``h w``, ``h w²`` in sorted order): ``f <= E`` and ``f`` is convex, so with its
+    minimiser within ``spread`` of ``z`` the minimum of ``f`` is at least the tangent's value
+    there, ``f(z) - |f'(z)| spread``. ``k_low``, ``k_high`` are the clipping indices at ``z``
+    (found in float32 by :func:`_relaxed_z0`: a weight they class otherwise lies at a clipping
+    edge, where its term is zero and its slope one of ``f``'s one-sided ones)."""
     m = p_h.shape[0] - 1
     sd = np.float64(s)
-    zs = np.float64(z0) * sd
+    zs = np.float64(z) * sd
     # below the range: w + z s < -s/2, contributes (w + z s)² - s²/4
     # above: w + z s - n1 s > s/2, contributes (w + z s - n1 s)² - s²/4
     q = sd * sd * 0.25
@@ -173,7 +172,9 @@ def _relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high, spread):
     value = max(low, 0.0) + max(high, 0.0)
     if spread > 0.0:
         slope = 2.0 * sd * (hw_l + zs * h_l + hw_h + sh * h_h)  # d(s² f)/dz
-        value = max(value - abs(slope) * np.float64(spread), 0.0)
+        # the float32 bisection's last decisions may err by a few ulps of z: widen by that much
+        reach = np.float64(spread) + 1e-6 * (abs(np.float64(z)) + 1.0)
+        value = max(value - abs(slope) * reach, 0.0)
     return value
 
 
@@ -196,13 +197,14 @@ def _window_buffers(m, k):
 @njit(cache=True, fastmath={"reassoc"})
 def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
     """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
-    two sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
-    ``B`` and ``C`` at ``u = 0``; nothing else here is reassociated). Writes each weight's first
+    its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
+    ``A``, ``B`` and ``C``; nothing else here is reassociated). Writes each weight's first
     crossing ``u₁``, rounding residual ``r``, bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at
     ``u₁ + 1`` (``vals[4 i : 4 i + 4]``, zero where the code does not rise there); returns
-    ``(B, C)`` at ``u = 0``."""
+    ``(A, B, C)`` of ``E = A u² + 2 B u + C`` at ``u = 0``."""
     b0 = 0.0
     c0 = 0.0
+    a0 = 0.0
     k = np.int32(kf)
     for i in range(w.shape[0]):
         t = np.float64(w[i]) * inv + start
@@ -212,6 +214,7 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
         hi = np.float64(h[i])
         b0 += hi * d0
         c0 += hi * d0 * d0
+        a0 += hi
         u1 = 0.5 - r
         # the code rises at u₁ if c is in [0, n1 - 1], and at u₁ + 1 if c is in [-1, n1 - 2]
         h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
@@ -223,7 +226,7 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
         vals[4 * i + 1] = h1 * (1.0 - 2.0 * r)
         vals[4 * i + 2] = h2
         vals[4 * i + 3] = h2 * (3.0 - 2.0 * r)
-    return b0, c0
+    return a0, b0, c0
 
 
 @njit(cache=True)
@@ -234,12 +237,14 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     candidate cannot win and its minimiser is not needed).
 
     With ``u = z - (z₀ - 1)`` the codes rise at ``u₁ ∈ (0, 1]`` and ``u₁ + 1``, and between
-    crossings ``E = u² + 2Bu + C``. Instead of sorting the crossings, the window is cut into
+    crossings ``E = A u² + 2Bu + C`` with ``A = Σ h`` (one, up to the float32 rounding of the
+    normalised ``h``: taken as summed, since where one input channel carries nearly all of ``h``
+    the smallest ``E`` can be so small next to ``u²`` that this rounding would swamp it). Instead of sorting the crossings, the window is cut into
     ``2 k`` buckets of width ``1/k``: each crossing adds its ``ΔB``, ``ΔC`` to its bucket, and one
     sweep gives ``B`` and ``C`` at every bucket edge (so ``E`` there, exactly), the exact minimum
-    of every bucket without a crossing, and a lower bound for a bucket with crossings: ``E - u²``
+    of every bucket without a crossing, and a lower bound for a bucket with crossings: ``E - A u²``
     is continuous and concave (each crossing lowers its slope), so it lies above its chord over
-    the bucket and the minimum of ``u² + chord`` bounds ``E`` from below. Only the buckets whose
+    the bucket and the minimum of ``A u² + chord`` bounds ``E`` from below. Only the buckets whose
     bound is below the best value found (and below ``threshold``) are solved exactly: their few
     crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
     u_a, r_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
@@ -247,7 +252,8 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     sd = np.float64(s)
     start = np.float64(z0) - 1.0
     kf = np.float64(k)
-    b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, r_a, vals, bk_a)
+    aa, b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, r_a, vals, bk_a)
+    inv_a = 1.0 / aa  # the vertex of a piece A u² + 2Bu + C is at -B/A
     # acc[4 q : 4 q + 4]: the sums of (ΔB, ΔC) at u₁ and at u₁ + 1 of the crossings of bucket q
     for q in range(4 * k):
         acc[q] = 0.0
@@ -269,8 +275,8 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         slot = 4 * b if b < k else 4 * (b - k) + 2
         db = acc[slot]
         if db == 0.0:  # no crossing (db sums the crossings' h > 0)
-            u = min(max(-bb, u_lo), u_hi)
-            e = u * (u + 2.0 * bb) + cc
+            u = min(max(-bb * inv_a, u_lo), u_hi)
+            e = u * (aa * u + 2.0 * bb) + cc
             if e < best_e:
                 best_e, best_u = e, u
             continue
@@ -278,15 +284,15 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         c1 = cc + acc[slot + 1]
         g0 = 2.0 * bb * u_lo + cc
         g1 = 2.0 * b1 * u_hi + c1
-        e0 = u_lo * u_lo + g0
-        e1 = u_hi * u_hi + g1
+        e0 = aa * u_lo * u_lo + g0
+        e1 = aa * u_hi * u_hi + g1
         if e0 < best_e:
             best_e, best_u = e0, u_lo
         if e1 < best_e:
             best_e, best_u = e1, u_hi
         slope = (g1 - g0) * kf
-        u = min(max(-0.5 * slope, u_lo), u_hi)
-        lbs[n_open] = u * u + g0 + slope * (u - u_lo)
+        u = min(max(-0.5 * slope * inv_a, u_lo), u_hi)
+        lbs[n_open] = aa * u * u + g0 + slope * (u - u_lo)
         where[n_open] = b
         b_at[n_open] = bb
         c_at[n_open] = cc
@@ -333,15 +339,15 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         lo = b / kf
         for a in range(n):
             bound = ref_u[a]
-            u = min(max(-bb, lo), bound)
-            e = u * (u + 2.0 * bb) + cc
+            u = min(max(-bb * inv_a, lo), bound)
+            e = u * (aa * u + 2.0 * bb) + cc
             if e < best_e:
                 best_e, best_u = e, u
             bb -= ref_b[a]
             cc += ref_c[a]
             lo = bound
-        u = min(max(-bb, lo), (b + 1) / kf)
-        e = u * (u + 2.0 * bb) + cc
+        u = min(max(-bb * inv_a, lo), (b + 1) / kf)
+        e = u * (aa * u + 2.0 * bb) + cc
         if e < best_e:
             best_e, best_u = e, u
     if best_e <= limit:
