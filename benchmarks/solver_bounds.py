@@ -9,8 +9,8 @@ and a spread positive ``h``) it computes, with the numba kernel's own functions,
 best coarse scale) and prints, per bits and group size:
 
 - how many candidates of each stage the kernel's branch and bound must solve exactly: those whose
-  lower bound (the relaxed objective at ``z₀``, ``s² f(z₀)``) is below the best loss, in the
-  best case for the bound (the best loss known from the start);
+  lower bound (the tangent of the relaxed objective at the bisection's last point) is below the
+  best loss, in the best case for the bound (the best loss known from the start);
 - how close the fine candidates' losses are to the best one (fraction within 0.1 %, 0.3 %, 1 %):
   a bound that prunes a fine candidate must be tighter than that gap, for every group;
 - the time one exact window step (with no threshold to stop it early) and one relaxed step
@@ -57,13 +57,14 @@ def _candidates(w, h, ws, hs, hp, hwp, s_mm, n1, iterations, coarse, divisor, ha
                 else:
                     k = j - half if j < half else j - half + 1
                     s = smm * np.float32((best_j + 1) / coarse) + smm * np.float32(k / divisor)
-                z0, k_low, k_high, _, _ = K._relaxed_z0(ws[g], hp[g], hwp[g], s, n1, iterations, False)
+                z0, k_low, k_high, z_k, spread = K._relaxed_z0(ws[g], hp[g], hwp[g], s, n1,
+                                                               iterations, False)
                 loss = 0.0
                 bound = 0.0
                 if work >= 1:
                     loss = K._window_exact(w[g], h[g], s, z0, n1, np.inf, buckets, buf)[1]
                 if work >= 2:
-                    bound = K._relaxed_bound(p_h, p_hw, p_hw2, s, z0, n1, k_low, k_high, 0.0)
+                    bound = K._relaxed_bound(p_h, p_hw, p_hw2, s, z_k, n1, k_low, k_high, spread)
                 if stage == 0:
                     lc[g, j], bc[g, j] = loss, bound
                 else:
