@@ -6,21 +6,27 @@ group, with less work:
 - the relaxed step (``z₀``) is the reference's own bisection, in the same float32 arithmetic on
   the same sorted weights and prefix sums, so every candidate gets the reference's window; each
   bisection step searches only the index range that the bracket still allows;
-- every candidate gets a lower bound on its loss, ``s² f(z₀)`` (the relaxed objective: ``f <= E``
-  everywhere), in O(log m) from float64 prefix sums of ``h``, ``h w`` and ``h w²``; candidates are
-  visited in increasing bound order and the visit stops at the first one whose bound cannot beat
-  the best loss found (branch and bound: the argmin does not change);
+- every candidate gets a lower bound on its loss from the relaxed objective ``f`` (convex,
+  ``f <= E`` everywhere): the tangent of ``f`` at the bisection's last point over the distance
+  to which the bracket pins ``f``'s minimiser, in O(1) from float64 prefix sums of ``h``,
+  ``h w`` and ``h w²`` (:func:`_relaxed_bound`); candidates are visited in increasing bound
+  order and the visit stops at the first one whose bound cannot beat the best loss found
+  (branch and bound: the argmin does not change);
 - the exact window step (:func:`neuqi.solver.window_zero_point`) runs only on the visited
   candidates, in float64, without a sort: the crossings are summed into buckets of the window,
   whose edges give exact values and whose chords give lower bounds, and only the buckets that
   could hold a better minimum (than the window's best so far and than the best candidate's
   loss) are solved crossing by crossing (:func:`_window_exact`);
 - the integer window scan (NeUQI-int, and the NeUQI-int scale that NeUQI's second fine grid is
-  centred on) is bounded the same way.
+  centred on) is bounded the same way; for NeUQI-int, which needs of ``z₀`` only the integers
+  within one of it, the bisection stops as soon as they are known.
 
 Each group is solved by one thread from its own data only, so the result does not depend on the
-number of threads or on how groups are chunked. No ``fastmath``: the float32 bisection must round
-exactly as torch does.
+number of threads or on how groups are chunked. No ``fastmath`` but ``reassoc`` on the two
+per-weight loops whose float64 sums it lets run on SIMD lanes (:func:`_window_pass`,
+:func:`_integer_sums`): the float32 bisection must round exactly as torch does. Those sums'
+rounding depends on the CPU's vector width, so exactly tied scales may be resolved otherwise on
+another kind of CPU; on one machine the result is always the same.
 """
 
 from __future__ import annotations
