@@ -245,14 +245,16 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     With ``u = z - (z₀ - 1)`` the codes rise at ``u₁ ∈ (0, 1]`` and ``u₁ + 1``, and between
     crossings ``E = A u² + 2Bu + C`` with ``A = Σ h`` (one, up to the float32 rounding of the
     normalised ``h``: taken as summed, since where one input channel carries nearly all of ``h``
-    the smallest ``E`` can be so small next to ``u²`` that this rounding would swamp it). Instead of sorting the crossings, the window is cut into
-    ``2 k`` buckets of width ``1/k``: each crossing adds its ``ΔB``, ``ΔC`` to its bucket, and one
-    sweep gives ``B`` and ``C`` at every bucket edge (so ``E`` there, exactly), the exact minimum
-    of every bucket without a crossing, and a lower bound for a bucket with crossings: ``E - A u²``
-    is continuous and concave (each crossing lowers its slope), so it lies above its chord over
-    the bucket and the minimum of ``A u² + chord`` bounds ``E`` from below. Only the buckets whose
-    bound is below the best value found (and below ``threshold``) are solved exactly: their few
-    crossings sorted, then the reference's piecewise sweep. ``buf``: :func:`_window_buffers`."""
+    the smallest ``E`` can be so small next to ``u²`` that this rounding would swamp it).
+    Instead of sorting the crossings, the window is cut into ``2 k`` buckets of width ``1/k``:
+    each crossing adds its ``ΔB``, ``ΔC`` to its bucket, and one sweep gives ``B`` and ``C`` at
+    every bucket edge (so ``E`` there, exactly), the exact minimum of every bucket without a
+    crossing, and a lower bound for a bucket with crossings: ``E - A u²`` is continuous and
+    concave (each crossing lowers its slope), so it lies above its chord over the bucket and the
+    minimum of ``A u² + chord`` bounds ``E`` from below. Only the buckets whose bound is below
+    the best value found (and below ``threshold``) are solved exactly, by increasing bound: their
+    few crossings sorted, then the reference's piecewise sweep. ``buf``:
+    :func:`_window_buffers`."""
     u_a, r_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
     m = w.shape[0]
     sd = np.float64(s)
