@@ -194,19 +194,19 @@ def bucket_count(m: int) -> int:
 def _window_buffers(m, k):
     """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
     f = np.float64
-    return (np.empty(m, f), np.empty(m, f), np.empty(4 * m, f), np.empty(m, np.int32),
+    return (np.empty(m, f), np.empty(4 * m, f), np.empty(m, np.int32),
             np.empty(4 * k, f), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
 
 
 @njit(cache=True, fastmath={"reassoc"})
-def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
+def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
     """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
     its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
     ``A``, ``B`` and ``C``; nothing else here is reassociated). Writes each weight's first
-    crossing ``u₁``, rounding residual ``r``, bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at
-    ``u₁ + 1`` (``vals[4 i : 4 i + 4]``, zero where the code does not rise there); returns
+    crossing ``u₁``, its bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at ``u₁ + 1``
+    (``vals[4 i : 4 i + 4]``, zero where the code does not rise there); returns
     ``(A, B, C)`` of ``E = A u² + 2 B u + C`` at ``u = 0``."""
     b0 = 0.0
     c0 = 0.0
@@ -226,7 +226,6 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, r_a, vals, bk_a):
         h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
         h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
         u_a[i] = u1
-        r_a[i] = r
         bk_a[i] = min(np.int32(u1 * kf), k - 1)
         vals[4 * i] = h1
         vals[4 * i + 1] = h1 * (1.0 - 2.0 * r)
@@ -255,12 +254,12 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     the best value found (and below ``threshold``) are solved exactly, by increasing bound: their
     few crossings sorted, then the reference's piecewise sweep. ``buf``:
     :func:`_window_buffers`."""
-    u_a, r_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
+    u_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
     m = w.shape[0]
     sd = np.float64(s)
     start = np.float64(z0) - 1.0
     kf = np.float64(k)
-    aa, b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, r_a, vals, bk_a)
+    aa, b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, vals, bk_a)
     inv_a = 1.0 / aa  # the vertex of a piece A u² + 2Bu + C is at -B/A
     # acc[4 q : 4 q + 4]: the sums of (ΔB, ΔC) at u₁ and at u₁ + 1 of the crossings of bucket q
     for q in range(4 * k):
