@@ -234,6 +234,14 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
     return a0, b0, c0
 
 
+@njit(cache=True, inline="always")
+def _piece_min(aa, inv_a, bb, cc, lo, hi):
+    """``(u, E(u))`` at the minimum of one piece ``E = A u² + 2Bu + C`` of the window on
+    ``[lo, hi]``: its vertex ``-B/A`` clamped to the interval."""
+    u = min(max(-bb * inv_a, lo), hi)
+    return u, u * (aa * u + 2.0 * bb) + cc
+
+
 @njit(cache=True)
 def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     """:func:`neuqi.solver.window_zero_point` for one group and one scale, in float64: the exact
@@ -282,8 +290,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         slot = 4 * b if b < k else 4 * (b - k) + 2
         db = acc[slot]
         if db == 0.0:  # no crossing (db sums the crossings' h > 0)
-            u = min(max(-bb * inv_a, u_lo), u_hi)
-            e = u * (aa * u + 2.0 * bb) + cc
+            u, e = _piece_min(aa, inv_a, bb, cc, u_lo, u_hi)
             if e < best_e:
                 best_e, best_u = e, u
             continue
@@ -346,15 +353,13 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         lo = b / kf
         for a in range(n):
             bound = ref_u[a]
-            u = min(max(-bb * inv_a, lo), bound)
-            e = u * (aa * u + 2.0 * bb) + cc
+            u, e = _piece_min(aa, inv_a, bb, cc, lo, bound)
             if e < best_e:
                 best_e, best_u = e, u
             bb -= ref_b[a]
             cc += ref_c[a]
             lo = bound
-        u = min(max(-bb * inv_a, lo), (b + 1) / kf)
-        e = u * (aa * u + 2.0 * bb) + cc
+        u, e = _piece_min(aa, inv_a, bb, cc, lo, (b + 1) / kf)
         if e < best_e:
             best_e, best_u = e, u
     if best_e <= limit:
