@@ -109,8 +109,8 @@ def test_odd_shapes(backend, shape, group_size):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_massive_activation_channel(backend, bits):
     """One input channel carrying nearly all of ``h`` (1e5 times the others, as LLM
-    "massive activations" do; in SmolLM2's layer 11 down_proj, 1.2e5) on the row's largest
-    weight, weights on a grid (ties) as in checkpoints from 4-bit GGUF. The smallest loss of a
+    "massive activations" do; SmolLM2's layer 11 down_proj has such a channel) on the row's
+    largest weight, weights on a grid (ties) as in checkpoints from 4-bit GGUF. The smallest loss of a
     window is then tiny next to the terms it is summed from. The numba kernel of commit
     91236fe failed this test (worse than the reference by 1.5e-5, 4.8e-5 and 4.9e-2 at 2, 3 and
     4 bits): its window step took the u² term's coefficient, the sum of the normalised ``h``, as
