@@ -21,6 +21,11 @@ group, with less work:
   centred on) is bounded the same way; for NeUQI-int, which needs of ``z₀`` only the integers
   within one of it, the bisection stops as soon as they are known.
 
+The helpers that allocate nothing are compiled without numba's runtime (``_nrt=False``): with it,
+every call of them increments and decrements the reference count of each array argument (and of
+each array unpacked from a tuple) with atomic operations that numba's pruning pass leaves in place
+(numba#2345, numba#2350), and those calls cost about 5 % of the whole search.
+
 Each group is solved by one thread from its own data only, so the result does not depend on the
 number of threads or on how groups are chunked. No ``fastmath`` but ``reassoc`` on the two
 per-weight loops whose float64 sums it lets run on SIMD lanes (:func:`_window_pass`,
@@ -48,7 +53,7 @@ LAST_EVALS = [0.0]
 _F32 = np.float32
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _search_left(a, lo, hi, v):
     """First index in ``[lo, hi]`` with ``a[i] >= v`` (``hi`` if none): torch.searchsorted."""
     while lo < hi:
@@ -60,7 +65,7 @@ def _search_left(a, lo, hi, v):
     return lo
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _search_right(a, lo, hi, v):
     """First index in ``[lo, hi]`` with ``a[i] > v`` (``hi`` if none): searchsorted(right=True)."""
     while lo < hi:
@@ -72,7 +77,7 @@ def _search_right(a, lo, hi, v):
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     """:func:`neuqi.solver.relaxed_zero_point` for one group and one scale, in the same float32
     operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
@@ -141,7 +146,7 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     return min(max(z0, lo), hi), prev_low, prev_high, mid, half * (hi - lo)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
     """The float64 prefix sums of ``h``, ``h w`` and ``h w²`` in sorted order (``ws`` sorted,
     ``hs`` in its order) that :func:`_relaxed_bound` reads, written into ``p_*`` (length m + 1,
@@ -154,7 +159,7 @@ def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
         p_hw2[i + 1] = p_hw2[i] + hi * wi * wi
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _relaxed_bound(p_h, p_hw, p_hw2, s, z, n1, k_low, k_high, spread):
     """A lower bound of ``s² E`` anywhere, so of the window's smallest loss (float64, from prefix
     sums of ``h``, ``h w``, ``h w²`` in sorted order): ``f <= E`` and ``f`` is convex, so with its
@@ -200,7 +205,7 @@ def _window_buffers(m, k):
             np.empty(2 * k, np.int64))
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"}, _nrt=False)
 def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
     """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
     its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
@@ -234,7 +239,7 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
     return a0, b0, c0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", _nrt=False)
 def _piece_min(aa, inv_a, bb, cc, lo, hi):
     """``(u, E(u))`` at the minimum of one piece ``E = A u² + 2Bu + C`` of the window on
     ``[lo, hi]``: its vertex ``-B/A`` clamped to the interval."""
@@ -242,7 +247,7 @@ def _piece_min(aa, inv_a, bb, cc, lo, hi):
     return u, u * (aa * u + 2.0 * bb) + cc
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     """:func:`neuqi.solver.window_zero_point` for one group and one scale, in float64: the exact
     minimiser of ``E`` on ``[z₀ - 1, z₀ + 1]``. Returns ``(z, s² E(z))``, or ``(0, inf)`` when
@@ -368,7 +373,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     return 0.0, np.inf
 
 
-@njit(cache=True, fastmath={"reassoc"})
+@njit(cache=True, fastmath={"reassoc"}, _nrt=False)
 def _integer_sums(w, h, inv, first, n1):
     """``E`` at the integers ``first``, ``first + 1`` and ``first + 2`` in one pass (for
     :func:`_window_integer`); ``reassoc`` lets the three sums run on SIMD lanes."""
@@ -387,7 +392,7 @@ def _integer_sums(w, h, inv, first, n1):
     return e0, e1, e2
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _window_integer(w, h, s, z0, n1):
     """:func:`neuqi.solver.window_integer_zero_point` for one group and scale: the best integer
     ``z`` in ``[z₀ - 1, z₀ + 1]`` (the first of equals) and its loss ``s² E(z)``; the (up to)
