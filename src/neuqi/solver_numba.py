@@ -47,6 +47,8 @@ from torch import Tensor
 PRUNE_MARGIN = 1e-6
 # Groups per parallel work item (each item allocates its scratch buffers once).
 BLOCK_GROUPS = 16
+# Outermost weight pairs summed by the pair bound of the coarse grid (:func:`_pair_bound`).
+PAIR_LIMIT = 8
 # Mean number of exact (or integer) candidate evaluations per group of the last call (benchmarks).
 LAST_EVALS = [0.0]
 
@@ -409,50 +411,116 @@ def _window_integer(w, h, s, z0, n1):
     return best_z, s2 * best
 
 
+@njit(cache=True, _nrt=False)
+def _pair_bound(ws, hs, s, n1):
+    """A lower bound of ``s² E`` anywhere (float64), without the relaxed step's bisection.
+
+    ``E >= f`` and in weight units a weight ``d`` outside the range that rounds without clipping
+    (``D = (n1 + 1) s`` wide) adds ``s² ψ = d² + d s`` to ``s² f``. The ``i``-th smallest and
+    ``i``-th largest weights (``ws`` sorted, ``hs`` in its order) are ``g`` apart, so at least
+    ``L = g - D`` of that lies outside, ``d_a + d_b >= L``, and the pair adds at least
+    ``L² h_a h_b / (h_a + h_b) + s min(h_a, h_b) L`` (the least of each part over the splits).
+    The pairs are disjoint: their sum bounds ``s² f``. Only the :data:`PAIR_LIMIT` outermost
+    pairs are summed (they carry most of it, and a long row's would cost more than the
+    bisection); zero when those gaps fit, as for the scales near Min-Max.
+    """
+    m = ws.shape[0]
+    sd = np.float64(s)
+    width = (n1 + 1) * sd
+    total = 0.0
+    for i in range(min(m // 2, PAIR_LIMIT)):
+        ell = (np.float64(ws[m - 1 - i]) - np.float64(ws[i])) - width
+        if ell <= 0.0:  # the gaps only shrink inwards
+            break
+        ha = np.float64(hs[i])
+        hb = np.float64(hs[m - 1 - i])
+        if ha + hb > 0.0:
+            total += ell * ell * (ha * hb / (ha + hb)) + sd * min(ha, hb) * ell
+    return total
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, s, n1, iterations, integer):
+    """The relaxed step of one candidate: ``(z₀, lower bound of its loss)``."""
+    z0, k_low, k_high, z_k, spread = _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer)
+    return z0, _relaxed_bound(p_h, p_hw, p_hw2, s, z_k, n1, k_low, k_high, spread)
+
+
 @njit(cache=True)
-def _stage(w, h, ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations, integer,
-           threshold, want_int, z0s, bounds, buckets, buf):
+def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations, integer,
+           threshold, want_int, lazy, z0s, bounds, pairs, fresh, buckets, buf):
     """Best candidate of ``scales`` (those not in ``skip``) whose loss is below ``threshold``.
 
     Returns ``(index, z, loss)`` (index -1 when none beats ``threshold``) and, with ``want_int``,
     the index of the best scale under an integer zero-point (NeUQI-int's choice on this grid).
-    Ties go to the lower index, as ``argmin`` does.
+    Ties go to the lower index, as ``argmin`` does, whatever the order of the visits.
+
+    Candidates are visited by increasing lower bound while the bound can beat the best loss
+    found. With ``lazy`` (the coarse grid, whose small scales clip much and never win) a
+    candidate whose :func:`_pair_bound` is positive gets its relaxed step (the costly part of
+    its bound) only if that pair bound is below the best loss found among the others.
     """
     c = scales.shape[0]
-    for j in range(c):
-        if skip[j]:
-            bounds[j] = np.inf
-            continue
-        z0, k_low, k_high, z_k, spread = _relaxed_z0(ws, hs_p, hws_p, scales[j], n1, iterations,
-                                                     integer)
-        z0s[j] = z0
-        bounds[j] = _relaxed_bound(p_h, p_hw, p_hw2, scales[j], z_k, n1, k_low, k_high, spread)
-    idx = np.argsort(bounds[:c], kind="mergesort")
     keep = 1.0 - PRUNE_MARGIN
-    best_j, best_z, best = -1, 0.0, threshold
+    n_lazy = 0
+    for j in range(c):
+        fresh[j] = 1  # 0: not relaxed yet, 1: relaxed (or skipped), 2: relaxed this round
+        pairs[j] = 0.0
+        bounds[j] = np.inf
+        if skip[j]:
+            continue
+        if lazy:
+            pairs[j] = _pair_bound(ws, hs, scales[j], n1)
+            if pairs[j] > 0.0:
+                fresh[j] = 0
+                n_lazy += 1
+                continue
+        z0s[j], bounds[j] = _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales[j], n1, iterations,
+                                   integer)
+    best_j, best_z, best, best_int = -1, 0.0, threshold, -1
     evals = 0
-    for t in range(c):
-        j = idx[t]
-        if not bounds[j] * keep < best:
-            break
-        evals += 1
-        if integer:
-            z, loss = _window_integer(w, h, scales[j], z0s[j], n1)
+    for phase in range(2 if want_int else 1):
+        # phase 0: the loss at the best zero-point; 1: at the best integer one (NeUQI-int)
+        use_int = integer or phase == 1
+        bj, bz, target = -1, 0.0, threshold if phase == 0 else np.inf
+        for rnd in range(2):
+            # round 0 visits the relaxed candidates; round 1 those relaxed after it, because
+            # their pair bound was below the best loss that round 0 found
+            if rnd == 1:
+                if n_lazy == 0:
+                    break
+                n_new = 0
+                for j in range(c):
+                    if fresh[j] == 0 and pairs[j] * keep < target:
+                        z0s[j], bound = _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, scales[j],
+                                               n1, iterations, integer)
+                        bounds[j] = max(bound, pairs[j])
+                        fresh[j] = 2
+                        n_lazy -= 1
+                        n_new += 1
+                if n_new == 0:
+                    break
+            idx = np.argsort(bounds[:c], kind="mergesort")
+            for rank in range(c):
+                j = idx[rank]
+                if not bounds[j] * keep < target:
+                    break
+                if rnd == 1 and fresh[j] != 2:
+                    continue
+                evals += 1
+                if use_int:
+                    z, loss = _window_integer(w, h, scales[j], z0s[j], n1)
+                else:
+                    z, loss = _window_exact(w, h, scales[j], z0s[j], n1, target, buckets, buf)
+                if loss < target or (loss == target and bj >= 0 and j < bj):
+                    bj, bz, target = j, z, loss
+        for j in range(c):
+            if fresh[j] == 2:
+                fresh[j] = 1
+        if phase == 0:
+            best_j, best_z, best = bj, bz, target
         else:
-            z, loss = _window_exact(w, h, scales[j], z0s[j], n1, best, buckets, buf)
-        if loss < best or (loss == best and best_j >= 0 and j < best_j):
-            best_j, best_z, best = j, z, loss
-    best_int = -1
-    if want_int:
-        best_i = np.inf
-        for t in range(c):
-            j = idx[t]
-            if not bounds[j] * keep < best_i:
-                break
-            evals += 1
-            _, loss = _window_integer(w, h, scales[j], z0s[j], n1)
-            if loss < best_i or (loss == best_i and j < best_int):
-                best_int, best_i = j, loss
+            best_int = bj
     return best_j, best_z, best, best_int, evals
 
 
@@ -469,6 +537,8 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
         skip = np.zeros(c_max, np.bool_)
         z0s = np.empty(c_max, np.float32)
         bounds = np.empty(c_max, np.float64)
+        pairs = np.empty(c_max, np.float64)
+        fresh = np.empty(c_max, np.int8)
         buf = _window_buffers(m, buckets)
         p_h = np.zeros(m + 1, np.float64)
         p_hw = np.zeros(m + 1, np.float64)
@@ -484,9 +554,9 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
                 scales[i] = smm * _F32((i + 1) / coarse_steps)
                 skip[i] = False
             j_c, z_c, loss_c, j_int, ev_c = _stage(
-                wg, hg, wsg, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
-                skip[:coarse_steps], n1, iterations, integer, np.inf, not integer, z0s, bounds,
-                buckets, buf)
+                wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
+                skip[:coarse_steps], n1, iterations, integer, np.inf, not integer, True, z0s,
+                bounds, pairs, fresh, buckets, buf)
             s_c = scales[j_c]
             k = 0
             for j in range(-fine_half, fine_half + 1):
@@ -508,8 +578,9 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
                     skip[n_fine + i] = same
                 n_c = 2 * n_fine
             j_f, z_f, _, _, ev_f = _stage(
-                wg, hg, wsg, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c], skip[:n_c], n1,
-                iterations, integer, loss_c, False, z0s, bounds, buckets, buf)
+                wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c], skip[:n_c], n1,
+                iterations, integer, loss_c, False, False, z0s, bounds, pairs, fresh, buckets,
+                buf)
             evals_out[g] = ev_c + ev_f
             if j_f >= 0:
                 scale_out[g] = scales[j_f]
