@@ -125,6 +125,39 @@ def test_massive_activation_channel(backend, bits):
         assert rel.max() <= 1e-6, f"{method}: worse than the reference by {rel.max():.2e}"
 
 
+@pytest.mark.parametrize("kind", ["normal", "student-t", "outliers"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pair_bound_is_below_every_loss(kind, bits):
+    """The numba kernel skips a coarse scale's bisection when its pair bound is not below the
+    best loss found: that is sound only if the bound lies below the loss ``s² E(z)`` at every
+    zero-point ``z``, checked here on a dense grid of ``z`` over the whole range of codes, for
+    every coarse scale of heavy-tailed and outlier groups (and the bound must be positive for
+    the small scales, or nothing would be tested)."""
+    from neuqi.solver_numba import _pair_bound
+
+    levels = 2**bits
+    w = weights(kind, 8, 64, seed=bits).view(-1, 64)
+    h = h_diag(64, seed=bits).expand_as(w)
+    h = h / h.sum(1, keepdim=True)
+    s_mm, _ = solver.minmax_params(w, levels)
+    w_sorted, order = torch.sort(w, dim=1)
+    h_sorted = h.gather(1, order)
+    positive = 0
+    for g in range(w.shape[0]):
+        for i in range(1, solver.COARSE_STEPS + 1):
+            s = s_mm[g] * (i / solver.COARSE_STEPS)
+            bound = _pair_bound(w_sorted[g].numpy(), h_sorted[g].contiguous().numpy(),
+                                s.item(), levels - 1)
+            positive += bound > 0
+            x = (w[g].double() / s.double()).unsqueeze(0)
+            z = torch.linspace(-x.max().item() - 1, levels - x.min().item() + 1, 4001,
+                               dtype=torch.float64)
+            loss = s.double() ** 2 * solver.grouped_error(x, h[g].double().unsqueeze(0), z,
+                                                           levels)
+            assert bound <= loss.min().item() * (1 + 1e-12), (g, i, bound, loss.min().item())
+    assert positive >= w.shape[0] * solver.COARSE_STEPS // 8
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_constant_zero_and_zero_h_groups(backend):
     w = weights("normal", 4, 128, seed=3)
