@@ -512,6 +512,9 @@ def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterat
                     z, loss = _window_integer(w, h, scales[j], z0s[j], n1)
                 else:
                     z, loss = _window_exact(w, h, scales[j], z0s[j], n1, target, buckets, buf)
+                    # what the window step learnt bounds the integer loss of phase 1: the least
+                    # loss of the window, or (when none beat ``target``) ``target`` itself
+                    bounds[j] = max(bounds[j], loss if loss < np.inf else target * keep)
                 if loss < target or (loss == target and bj >= 0 and j < bj):
                     bj, bz, target = j, z, loss
         for j in range(c):
