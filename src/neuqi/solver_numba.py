@@ -201,7 +201,7 @@ def bucket_count(m: int) -> int:
 def _window_buffers(m, k):
     """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
     f = np.float64
-    return (np.empty(m, f), np.empty(4 * m, f), np.empty(m, np.int32),
+    return (np.empty(m, f), np.empty((4, m), f), np.empty(m, np.int32),
             np.empty(4 * k, f), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
@@ -213,8 +213,9 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
     its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
     ``A``, ``B`` and ``C``; nothing else here is reassociated). Writes each weight's first
     crossing ``u₁``, its bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at ``u₁ + 1``
-    (``vals[4 i : 4 i + 4]``, zero where the code does not rise there); returns
-    ``(A, B, C)`` of ``E = A u² + 2 B u + C`` at ``u = 0``."""
+    (``vals[:, i]``: one row per quantity, stored contiguously, which is cheaper than four
+    interleaved values a weight; zero where the code does not rise there); returns ``(A, B, C)``
+    of ``E = A u² + 2 B u + C`` at ``u = 0``."""
     b0 = 0.0
     c0 = 0.0
     a0 = 0.0
@@ -234,10 +235,10 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
         h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
         u_a[i] = u1
         bk_a[i] = min(np.int32(u1 * kf), k - 1)
-        vals[4 * i] = h1
-        vals[4 * i + 1] = h1 * (1.0 - 2.0 * r)
-        vals[4 * i + 2] = h2
-        vals[4 * i + 3] = h2 * (3.0 - 2.0 * r)
+        vals[0, i] = h1
+        vals[1, i] = h1 * (1.0 - 2.0 * r)
+        vals[2, i] = h2
+        vals[3, i] = h2 * (3.0 - 2.0 * r)
     return a0, b0, c0
 
 
@@ -281,10 +282,10 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         acc[q] = 0.0
     for i in range(m):
         q = 4 * bk_a[i]
-        acc[q] += vals[4 * i]
-        acc[q + 1] += vals[4 * i + 1]
-        acc[q + 2] += vals[4 * i + 2]
-        acc[q + 3] += vals[4 * i + 3]
+        acc[q] += vals[0, i]
+        acc[q + 1] += vals[1, i]
+        acc[q + 2] += vals[2, i]
+        acc[q + 3] += vals[3, i]
     bb = b0
     cc = c0
     best_e = np.inf
@@ -341,10 +342,10 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         n = 0
         for i in range(m):
             if bk_a[i] == q:
-                hv = vals[4 * i + 2 * phase]
+                hv = vals[2 * phase, i]
                 if hv > 0.0:
                     pos = u_a[i] + phase
-                    dc = vals[4 * i + 2 * phase + 1]
+                    dc = vals[2 * phase + 1, i]
                     a = n - 1
                     while a >= 0 and ref_u[a] > pos:
                         ref_u[a + 1] = ref_u[a]
