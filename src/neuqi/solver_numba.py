@@ -9,9 +9,9 @@ group, with less work:
 - every candidate gets a lower bound on its loss from the relaxed objective ``f`` (convex,
   ``f <= E`` everywhere): the tangent of ``f`` at the bisection's last point over the distance
   to which the bracket pins ``f``'s minimiser, in O(1) from float64 prefix sums of ``h``,
-  ``h w`` and ``h w²`` (:func:`_relaxed_bound`); candidates are visited in increasing bound
-  order and the visit stops at the first one whose bound cannot beat the best loss found
-  (branch and bound: the argmin does not change);
+  ``h w`` and ``h w²`` (:func:`_relaxed_bound`); a candidate whose bound cannot beat the best
+  loss found is skipped (branch and bound: the argmin does not change), and the coarse grid's
+  small scales are skipped before their bisection by a cheaper bound (:func:`_pair_bound`);
 - the exact window step (:func:`neuqi.solver.window_zero_point`) runs only on the visited
   candidates, in float64, without a sort: the crossings are summed into buckets of the window,
   whose edges give exact values and whose chords give lower bounds, and only the buckets that
@@ -47,6 +47,9 @@ from torch import Tensor
 PRUNE_MARGIN = 1e-6
 # Groups per parallel work item (each item allocates its scratch buffers once).
 BLOCK_GROUPS = 16
+# Group size from which a stage visits its candidates by increasing bound (a sort) rather than
+# the smallest first and then in index order (the fastest on the 2-core development CPU).
+SORTED_VISITS_MIN = 512
 # Outermost weight pairs summed by the pair bound of the coarse grid (:func:`_pair_bound`).
 PAIR_LIMIT = 8
 # Mean number of exact (or integer) candidate evaluations per group of the last call (benchmarks).
@@ -449,20 +452,24 @@ def _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, s, n1, iterations, integer):
 
 @njit(cache=True)
 def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations, integer,
-           threshold, want_int, lazy, z0s, bounds, pairs, fresh, buckets, buf):
+           threshold, want_int, lazy, z0s, bounds, pairs, fresh, order, buckets, buf):
     """Best candidate of ``scales`` (those not in ``skip``) whose loss is below ``threshold``.
 
     Returns ``(index, z, loss)`` (index -1 when none beats ``threshold``) and, with ``want_int``,
     the index of the best scale under an integer zero-point (NeUQI-int's choice on this grid).
     Ties go to the lower index, as ``argmin`` does, whatever the order of the visits.
 
-    Candidates are visited by increasing lower bound while the bound can beat the best loss
-    found. With ``lazy`` (the coarse grid, whose small scales clip much and never win) a
-    candidate whose :func:`_pair_bound` is positive gets its relaxed step (the costly part of
-    its bound) only if that pair bound is below the best loss found among the others.
+    A candidate is evaluated only while its lower bound can beat the best loss found. In long
+    rows (``m >= SORTED_VISITS_MIN``), where an evaluation costs much more than a sort, they are
+    visited by increasing bound; otherwise the one with the smallest bound goes first and the
+    others follow in index order (a few more evaluations, no sort). With ``lazy`` (the coarse
+    grid, whose small scales clip much and never win) a candidate whose :func:`_pair_bound` is
+    positive gets its relaxed step (the costly part of its bound) only if that pair bound is
+    below the best loss found among the others.
     """
     c = scales.shape[0]
     keep = 1.0 - PRUNE_MARGIN
+    by_bound = w.shape[0] >= SORTED_VISITS_MIN
     n_lazy = 0
     for j in range(c):
         fresh[j] = 1  # 0: not relaxed yet, 1: relaxed (or skipped), 2: relaxed this round
@@ -501,11 +508,27 @@ def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterat
                         n_new += 1
                 if n_new == 0:
                     break
-            idx = np.argsort(bounds[:c], kind="mergesort")
+            # long rows: by increasing bound; short ones: the smallest bound first (its loss
+            # prunes well), then the others in index order
+            j_first = 0
+            if by_bound:
+                idx = np.argsort(bounds[:c], kind="mergesort")
+            else:
+                idx = order  # not read: numba wants idx typed on every path
+                for j in range(c):
+                    if (rnd == 0 or fresh[j] == 2) and bounds[j] < bounds[j_first]:
+                        j_first = j
             for rank in range(c):
-                j = idx[rank]
+                if by_bound:
+                    j = idx[rank]
+                elif rank == 0:
+                    j = j_first
+                else:
+                    j = rank - 1 if rank - 1 < j_first else rank
                 if not bounds[j] * keep < target:
-                    break
+                    if by_bound:
+                        break
+                    continue
                 if rnd == 1 and fresh[j] != 2:
                     continue
                 evals += 1
@@ -543,6 +566,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
         bounds = np.empty(c_max, np.float64)
         pairs = np.empty(c_max, np.float64)
         fresh = np.empty(c_max, np.int8)
+        order = np.empty(c_max, np.int64)
         buf = _window_buffers(m, buckets)
         p_h = np.zeros(m + 1, np.float64)
         p_hw = np.zeros(m + 1, np.float64)
@@ -560,7 +584,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
             j_c, z_c, loss_c, j_int, ev_c = _stage(
                 wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
                 skip[:coarse_steps], n1, iterations, integer, np.inf, not integer, True, z0s,
-                bounds, pairs, fresh, buckets, buf)
+                bounds, pairs, fresh, order, buckets, buf)
             s_c = scales[j_c]
             k = 0
             for j in range(-fine_half, fine_half + 1):
@@ -583,7 +607,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
                 n_c = 2 * n_fine
             j_f, z_f, _, _, ev_f = _stage(
                 wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c], skip[:n_c], n1,
-                iterations, integer, loss_c, False, False, z0s, bounds, pairs, fresh, buckets,
+                iterations, integer, loss_c, False, False, z0s, bounds, pairs, fresh, order, buckets,
                 buf)
             evals_out[g] = ev_c + ev_f
             if j_f >= 0:
