@@ -204,21 +204,23 @@ def bucket_count(m: int) -> int:
 def _window_buffers(m, k):
     """Scratch arrays of :func:`_window_exact` for groups of ``m`` weights and ``k`` buckets."""
     f = np.float64
-    return (np.empty(m, f), np.empty((4, m), f), np.empty(m, np.int32),
+    return (np.empty((3, m), f), np.empty(m, np.int32),
             np.empty(4 * k, f), np.empty(m + 1, f), np.empty(m + 1, f), np.empty(m + 1, f),
             np.empty(2 * k, f), np.empty(2 * k, f), np.empty(2 * k, f),
             np.empty(2 * k, np.int64))
 
 
 @njit(cache=True, fastmath={"reassoc"}, _nrt=False)
-def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
+def _window_pass(w, h, inv, start, n1, kf, vals, bk_a):
     """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
     its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
-    ``A``, ``B`` and ``C``; nothing else here is reassociated). Writes each weight's first
-    crossing ``u₁``, its bucket, and its ``(ΔB, ΔC)`` at ``u₁`` and at ``u₁ + 1``
-    (``vals[:, i]``: one row per quantity, stored contiguously, which is cheaper than four
-    interleaved values a weight; zero where the code does not rise there); returns ``(A, B, C)``
-    of ``E = A u² + 2 B u + C`` at ``u = 0``."""
+    ``A``, ``B`` and ``C``; nothing else here is reassociated). Writes each weight's bucket and
+    what its crossings at ``u₁ = 1/2 - r`` and ``u₁ + 1`` need: ``vals[:, i] = (h₁, r, h₂)``,
+    ``h₁`` (``h₂``) its ``h`` where the code rises at ``u₁`` (``u₁ + 1``), else zero, and ``r``
+    its rounding residual at ``u = 0``; the crossings' ``(ΔB, ΔC)`` are ``(h₁, h₁ (1 - 2r))``
+    and ``(h₂, h₂ (3 - 2r))``, formed by the reader (the fewer stores, one row per quantity, are
+    what this loop's time goes to). Returns ``(A, B, C)`` of ``E = A u² + 2 B u + C`` at
+    ``u = 0``."""
     b0 = 0.0
     c0 = 0.0
     a0 = 0.0
@@ -236,12 +238,10 @@ def _window_pass(w, h, inv, start, n1, kf, u_a, vals, bk_a):
         # the code rises at u₁ if c is in [0, n1 - 1], and at u₁ + 1 if c is in [-1, n1 - 2]
         h1 = hi if (c >= 0.0 and c <= n1 - 1.0) else 0.0
         h2 = hi if (c >= -1.0 and c <= n1 - 2.0) else 0.0
-        u_a[i] = u1
         bk_a[i] = min(np.int32(u1 * kf), k - 1)
         vals[0, i] = h1
-        vals[1, i] = h1 * (1.0 - 2.0 * r)
+        vals[1, i] = r
         vals[2, i] = h2
-        vals[3, i] = h2 * (3.0 - 2.0 * r)
     return a0, b0, c0
 
 
@@ -273,22 +273,25 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     the best value found (and below ``threshold``) are solved exactly, by increasing bound: their
     few crossings sorted, then the reference's piecewise sweep. ``buf``:
     :func:`_window_buffers`."""
-    u_a, vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
+    vals, bk_a, acc, ref_u, ref_b, ref_c, b_at, c_at, lbs, where = buf
     m = w.shape[0]
     sd = np.float64(s)
     start = np.float64(z0) - 1.0
     kf = np.float64(k)
-    aa, b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, u_a, vals, bk_a)
+    aa, b0, c0 = _window_pass(w, h, 1.0 / sd, start, np.float64(n1), kf, vals, bk_a)
     inv_a = 1.0 / aa  # the vertex of a piece A u² + 2Bu + C is at -B/A
     # acc[4 q : 4 q + 4]: the sums of (ΔB, ΔC) at u₁ and at u₁ + 1 of the crossings of bucket q
     for q in range(4 * k):
         acc[q] = 0.0
     for i in range(m):
         q = 4 * bk_a[i]
-        acc[q] += vals[0, i]
-        acc[q + 1] += vals[1, i]
-        acc[q + 2] += vals[2, i]
-        acc[q + 3] += vals[3, i]
+        r = vals[1, i]
+        h1 = vals[0, i]
+        h2 = vals[2, i]
+        acc[q] += h1
+        acc[q + 1] += h1 * (1.0 - 2.0 * r)
+        acc[q + 2] += h2
+        acc[q + 3] += h2 * (3.0 - 2.0 * r)
     bb = b0
     cc = c0
     best_e = np.inf
@@ -347,8 +350,9 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
             if bk_a[i] == q:
                 hv = vals[2 * phase, i]
                 if hv > 0.0:
-                    pos = u_a[i] + phase
-                    dc = vals[2 * phase + 1, i]
+                    r = vals[1, i]
+                    pos = (0.5 - r) + phase
+                    dc = hv * (1.0 - 2.0 * r) if phase == 0 else hv * (3.0 - 2.0 * r)
                     a = n - 1
                     while a >= 0 and ref_u[a] > pos:
                         ref_u[a + 1] = ref_u[a]
