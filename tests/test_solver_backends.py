@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,7 +134,7 @@ def test_pair_bound_is_below_every_loss(kind, bits):
     zero-point ``z``, checked here on a dense grid of ``z`` over the whole range of codes, for
     every coarse scale of heavy-tailed and outlier groups (and the bound must be positive for
     the small scales, or nothing would be tested)."""
-    from neuqi.solver_numba import _pair_bound
+    from neuqi.solver_numba import PAIR_LIMIT, _pair_bound, _pair_terms
 
     levels = 2**bits
     w = weights(kind, 8, 64, seed=bits).view(-1, 64)
@@ -146,8 +147,9 @@ def test_pair_bound_is_below_every_loss(kind, bits):
     for g in range(w.shape[0]):
         for i in range(1, solver.COARSE_STEPS + 1):
             s = s_mm[g] * (i / solver.COARSE_STEPS)
-            bound = _pair_bound(w_sorted[g].numpy(), h_sorted[g].contiguous().numpy(),
-                                s.item(), levels - 1)
+            terms = np.zeros((3, PAIR_LIMIT))
+            n_pairs = _pair_terms(w_sorted[g].numpy(), h_sorted[g].contiguous().numpy(), terms)
+            bound = _pair_bound(terms, n_pairs, s.item(), levels - 1)
             positive += bound > 0
             x = (w[g].double() / s.double()).unsqueeze(0)
             z = torch.linspace(-x.max().item() - 1, levels - x.min().item() + 1, 4001,

@@ -420,30 +420,45 @@ def _window_integer(w, h, s, z0, n1):
 
 
 @njit(cache=True, _nrt=False)
-def _pair_bound(ws, hs, s, n1):
+def _pair_terms(ws, hs, terms):
+    """What :func:`_pair_bound` needs of a group's outer weight pairs, the same for every scale
+    (``ws`` sorted, ``hs`` in its order): ``terms[:, i] = (g, h_a h_b / (h_a + h_b),
+    min(h_a, h_b))`` of the pair of the ``i``-th smallest and ``i``-th largest weights, ``g`` their
+    distance (zeros where ``h_a + h_b = 0``: such a pair adds nothing). Returns the number of
+    pairs."""
+    m = ws.shape[0]
+    n = min(m // 2, PAIR_LIMIT)
+    for i in range(n):
+        terms[0, i] = np.float64(ws[m - 1 - i]) - np.float64(ws[i])
+        ha = np.float64(hs[i])
+        hb = np.float64(hs[m - 1 - i])
+        terms[1, i] = ha * hb / (ha + hb) if ha + hb > 0.0 else 0.0
+        terms[2, i] = min(ha, hb)
+    return n
+
+
+@njit(cache=True, _nrt=False)
+def _pair_bound(terms, n_pairs, s, n1):
     """A lower bound of ``s² E`` anywhere (float64), without the relaxed step's bisection.
 
     ``E >= f`` and in weight units a weight ``d`` outside the range that rounds without clipping
     (``D = (n1 + 1) s`` wide) adds ``s² ψ = d² + d s`` to ``s² f``. The ``i``-th smallest and
-    ``i``-th largest weights (``ws`` sorted, ``hs`` in its order) are ``g`` apart, so at least
+    ``i``-th largest weights of the group are ``g`` apart, so at least
     ``L = g - D`` of that lies outside, ``d_a + d_b >= L``, and the pair adds at least
     ``L² h_a h_b / (h_a + h_b) + s min(h_a, h_b) L`` (the least of each part over the splits).
     The pairs are disjoint: their sum bounds ``s² f``. Only the :data:`PAIR_LIMIT` outermost
     pairs are summed (they carry most of it, and a long row's would cost more than the
-    bisection); zero when those gaps fit, as for the scales near Min-Max.
+    bisection); zero when those gaps fit, as for the scales near Min-Max. ``terms``: the group's
+    :func:`_pair_terms`.
     """
-    m = ws.shape[0]
     sd = np.float64(s)
     width = (n1 + 1) * sd
     total = 0.0
-    for i in range(min(m // 2, PAIR_LIMIT)):
-        ell = (np.float64(ws[m - 1 - i]) - np.float64(ws[i])) - width
+    for i in range(n_pairs):
+        ell = terms[0, i] - width
         if ell <= 0.0:  # the gaps only shrink inwards
             break
-        ha = np.float64(hs[i])
-        hb = np.float64(hs[m - 1 - i])
-        if ha + hb > 0.0:
-            total += ell * ell * (ha * hb / (ha + hb)) + sd * min(ha, hb) * ell
+        total += ell * ell * terms[1, i] + sd * terms[2, i] * ell
     return total
 
 
@@ -455,8 +470,9 @@ def _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, s, n1, iterations, integer):
 
 
 @njit(cache=True)
-def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterations, integer,
-           threshold, want_int, lazy, z0s, bounds, pairs, fresh, order, buckets, buf):
+def _stage(w, h, ws, terms, n_pairs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1,
+           iterations, integer, threshold, want_int, lazy, z0s, bounds, pairs, fresh, order,
+           buckets, buf):
     """Best candidate of ``scales`` (those not in ``skip``) whose loss is below ``threshold``.
 
     Returns ``(index, z, loss)`` (index -1 when none beats ``threshold``) and, with ``want_int``,
@@ -482,7 +498,7 @@ def _stage(w, h, ws, hs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip, n1, iterat
         if skip[j]:
             continue
         if lazy:
-            pairs[j] = _pair_bound(ws, hs, scales[j], n1)
+            pairs[j] = _pair_bound(terms, n_pairs, scales[j], n1)
             if pairs[j] > 0.0:
                 fresh[j] = 0
                 n_lazy += 1
@@ -571,6 +587,7 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
         pairs = np.empty(c_max, np.float64)
         fresh = np.empty(c_max, np.int8)
         order = np.empty(c_max, np.int64)
+        terms = np.zeros((3, PAIR_LIMIT), np.float64)
         buf = _window_buffers(m, buckets)
         p_h = np.zeros(m + 1, np.float64)
         p_hw = np.zeros(m + 1, np.float64)
@@ -581,12 +598,13 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
             hsg, hwsg = hs_p[g], hws_p[g]
             hso = h_sorted[g]
             _bound_prefix_sums(wsg, hso, p_h, p_hw, p_hw2)
+            n_pairs = _pair_terms(wsg, hso, terms)
             smm = s_mm[g]
             for i in range(coarse_steps):
                 scales[i] = smm * _F32((i + 1) / coarse_steps)
                 skip[i] = False
             j_c, z_c, loss_c, j_int, ev_c = _stage(
-                wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
+                wg, hg, wsg, terms, n_pairs, hsg, hwsg, p_h, p_hw, p_hw2, scales[:coarse_steps],
                 skip[:coarse_steps], n1, iterations, integer, np.inf, not integer, True, z0s,
                 bounds, pairs, fresh, order, buckets, buf)
             s_c = scales[j_c]
@@ -610,9 +628,9 @@ def _search(w, h, ws, h_sorted, hs_p, hws_p, s_mm, levels, integer, iterations, 
                     skip[n_fine + i] = same
                 n_c = 2 * n_fine
             j_f, z_f, _, _, ev_f = _stage(
-                wg, hg, wsg, hso, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c], skip[:n_c], n1,
-                iterations, integer, loss_c, False, False, z0s, bounds, pairs, fresh, order, buckets,
-                buf)
+                wg, hg, wsg, terms, n_pairs, hsg, hwsg, p_h, p_hw, p_hw2, scales[:n_c],
+                skip[:n_c], n1, iterations, integer, loss_c, False, False, z0s, bounds, pairs,
+                fresh, order, buckets, buf)
             evals_out[g] = ev_c + ev_f
             if j_f >= 0:
                 scale_out[g] = scales[j_f]
