@@ -297,6 +297,8 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     best_e = np.inf
     best_u = 0.0
     n_open = 0
+    prev_open = False
+    g_last = 0.0
     for b in range(2 * k):
         u_lo = b / kf
         u_hi = (b + 1) / kf
@@ -307,15 +309,21 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
             u, e = _piece_min(aa, inv_a, bb, cc, u_lo, u_hi)
             if e < best_e:
                 best_e, best_u = e, u
+            prev_open = False
             continue
         b1 = bb - db
         c1 = cc + acc[slot + 1]
-        g0 = 2.0 * bb * u_lo + cc
+        if prev_open:  # the left edge is the last bucket's right edge (same value), compared
+            g0 = g_last
+        else:
+            g0 = 2.0 * bb * u_lo + cc
+            e0 = aa * u_lo * u_lo + g0
+            if e0 < best_e:
+                best_e, best_u = e0, u_lo
         g1 = 2.0 * b1 * u_hi + c1
-        e0 = aa * u_lo * u_lo + g0
         e1 = aa * u_hi * u_hi + g1
-        if e0 < best_e:
-            best_e, best_u = e0, u_lo
+        g_last = g1
+        prev_open = True
         if e1 < best_e:
             best_e, best_u = e1, u_hi
         slope = (g1 - g0) * kf
