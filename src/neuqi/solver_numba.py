@@ -246,6 +246,14 @@ def _window_pass(w, h, inv, start, n1, kf, vals, bk_a):
 
 
 @njit(cache=True, inline="always", _nrt=False)
+def _crossing_dc(hv, r, phase):
+    """``ΔC`` where a weight's code rises in the window: ``h (1 - 2r)`` at ``u₁`` (``phase`` 0),
+    ``h (3 - 2r)`` at ``u₁ + 1`` (1), from its residual ``r`` (:func:`_window_pass`); the bucket
+    sums and the refinement must form it alike, bit for bit."""
+    return hv * (1.0 - 2.0 * r) if phase == 0 else hv * (3.0 - 2.0 * r)
+
+
+@njit(cache=True, inline="always", _nrt=False)
 def _piece_min(aa, inv_a, bb, cc, lo, hi):
     """``(u, E(u))`` at the minimum of one piece ``E = A u² + 2Bu + C`` of the window on
     ``[lo, hi]``: its vertex ``-B/A`` clamped to the interval."""
@@ -289,9 +297,9 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
         h1 = vals[0, i]
         h2 = vals[2, i]
         acc[q] += h1
-        acc[q + 1] += h1 * (1.0 - 2.0 * r)
+        acc[q + 1] += _crossing_dc(h1, r, 0)
         acc[q + 2] += h2
-        acc[q + 3] += h2 * (3.0 - 2.0 * r)
+        acc[q + 3] += _crossing_dc(h2, r, 1)
     bb = b0
     cc = c0
     best_e = np.inf
@@ -360,7 +368,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
                 if hv > 0.0:
                     r = vals[1, i]
                     pos = (0.5 - r) + phase
-                    dc = hv * (1.0 - 2.0 * r) if phase == 0 else hv * (3.0 - 2.0 * r)
+                    dc = _crossing_dc(hv, r, phase)
                     a = n - 1
                     while a >= 0 and ref_u[a] > pos:
                         ref_u[a + 1] = ref_u[a]
@@ -538,21 +546,19 @@ def _stage(w, h, ws, terms, n_pairs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip
                     break
             # long rows: by increasing bound; short ones: the smallest bound first (its loss
             # prunes well), then the others in index order
-            j_first = 0
             if by_bound:
                 idx = np.argsort(bounds[:c], kind="mergesort")
             else:
-                idx = order  # not read: numba wants idx typed on every path
+                idx = order
+                j_first = 0
                 for j in range(c):
                     if (rnd == 0 or fresh[j] == 2) and bounds[j] < bounds[j_first]:
                         j_first = j
+                idx[0] = j_first
+                for j in range(c - 1):
+                    idx[j + 1] = j if j < j_first else j + 1
             for rank in range(c):
-                if by_bound:
-                    j = idx[rank]
-                elif rank == 0:
-                    j = j_first
-                else:
-                    j = rank - 1 if rank - 1 < j_first else rank
+                j = idx[rank]
                 if not bounds[j] * keep < target:
                     if by_bound:
                         break
@@ -564,9 +570,10 @@ def _stage(w, h, ws, terms, n_pairs, hs_p, hws_p, p_h, p_hw, p_hw2, scales, skip
                     z, loss = _window_integer(w, h, scales[j], z0s[j], n1)
                 else:
                     z, loss = _window_exact(w, h, scales[j], z0s[j], n1, target, buckets, buf)
-                    # what the window step learnt bounds the integer loss of phase 1: the least
-                    # loss of the window, or (when none beat ``target``) ``target`` itself
-                    bounds[j] = max(bounds[j], loss if loss < np.inf else target * keep)
+                    if want_int:
+                        # what the window step learnt bounds the integer loss of phase 1: the
+                        # window's least loss, or (when none beat ``target``) ``target`` itself
+                        bounds[j] = max(bounds[j], loss if loss < np.inf else target * keep)
                 if loss < target or (loss == target and bj >= 0 and j < bj):
                     bj, bz, target = j, z, loss
         for j in range(c):
