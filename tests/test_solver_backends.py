@@ -44,6 +44,18 @@ def h_diag(cols: int, seed: int) -> torch.Tensor:
     return (torch.rand(cols, generator=g) * 3 + 0.05) ** 2
 
 
+def massive_activation_group(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights on a grid (ties, as in checkpoints from 4-bit GGUF) and an ``h`` whose channel 11
+    carries 1e5 times the others' (as LLM "massive activations" do), on each row's largest
+    weight."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.round(torch.randn(rows, 64, generator=g) * 8) / 64
+    h = 1.0 + 0.1 * torch.rand(64, generator=g)
+    h[11] = 1e5
+    w[:, 11] = w.max(1).values
+    return w, h
+
+
 def loss64(w: torch.Tensor, h: torch.Tensor, q, bits: int) -> torch.Tensor:
     """Per-group ``sum h (w - ŵ)²`` in float64 from the quantizer's scale and zero-point."""
     rows, cols = w.shape
@@ -116,11 +128,7 @@ def test_massive_activation_channel(backend, bits):
     91236fe failed this test (worse than the reference by 1.5e-5, 4.8e-5 and 4.9e-2 at 2, 3 and
     4 bits): its window step took the u² term's coefficient, the sum of the normalised ``h``, as
     exactly one, and the float32 rounding of that sum swamped such a loss."""
-    g = torch.Generator().manual_seed(bits)
-    w = torch.round(torch.randn(96, 64, generator=g) * 8) / 64
-    h = 1.0 + 0.1 * torch.rand(64, generator=g)
-    h[11] = 1e5
-    w[:, 11] = w.max(1).values
+    w, h = massive_activation_group(96, seed=bits)
     for method in ("neuqi", "neuqi-int"):
         _, _, _, rel = compare(w, h, bits, 64, method, backend)
         assert rel.max() <= 1e-6, f"{method}: worse than the reference by {rel.max():.2e}"
@@ -174,12 +182,8 @@ def test_relaxed_bound_is_below_the_window_loss(kind, bits):
     from neuqi.solver_numba import _bound_prefix_sums, _relaxed_bound, _relaxed_z0
 
     levels = 2**bits
-    g = torch.Generator().manual_seed(bits)
     if kind == "massive":
-        w = torch.round(torch.randn(6, 64, generator=g) * 8) / 64
-        h = 1.0 + 0.1 * torch.rand(64, generator=g)
-        h[11] = 1e5
-        w[:, 11] = w.max(1).values
+        w, h = massive_activation_group(6, seed=bits)
     else:
         w, h = weights(kind, 6, 64, seed=bits), h_diag(64, seed=bits)
     h = h.expand_as(w) / h.sum()
