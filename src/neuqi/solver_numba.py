@@ -24,7 +24,7 @@ group, with less work:
 The helpers that allocate nothing are compiled without numba's runtime (``_nrt=False``): with it,
 every call of them increments and decrements the reference count of each array argument (and of
 each array unpacked from a tuple) with atomic operations that numba's pruning pass leaves in place
-(numba#2345, numba#2350), and those calls cost about 5 % of the whole search.
+(numba#2345, numba#2350); those calls were a noticeable part of the search.
 
 Each group is solved by one thread from its own data only, so the result does not depend on the
 number of threads or on how groups are chunked. No ``fastmath`` but ``reassoc`` on the two
