@@ -59,9 +59,14 @@ METHODS: dict[str, list[str]] = {
     "neuqi": ["--method", "neuqi"],
     "minmax+gptq": ["--method", "minmax", "--gptq"],  # Min-Max of the original weights
     "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq"],  # the original GPTQ
-    "neuqi+gptq": ["--method", "neuqi", "--gptq"],
+    "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static"],  # NeUQI's recipe
+    # each group's NeUQI solved when GPTQ reaches it, from the compensated weights (neuqi.gptq)
+    "neuqi-lazy+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy"],
     "neuqi+distill": ["--method", "neuqi", "--distill-steps", "{steps}"],  # block-wise
-    "neuqi+gptq+distill": ["--method", "neuqi", "--gptq", "--distill-steps", "{steps}"],
+    "neuqi+gptq+distill": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
+                           "--distill-steps", "{steps}"],
+    "neuqi-lazy+gptq+distill": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
+                                "--distill-steps", "{steps}"],
     "neuqi+e2e-distill": ["--method", "neuqi"],  # then `neuqi distill` (END_TO_END)
 }
 # Rows whose quantized output is then trained end to end: `neuqi distill OUT --teacher MODEL`,
@@ -71,6 +76,7 @@ COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=
                         cwd=ROOT, check=False).stdout.strip() or "unknown"
 # The forward pass (hence a perplexity, and NeUQI's near-tie choices) moves with these (README).
 VERSIONS = {name: version(name) for name in ("torch", "transformers")}
+MODEL_TITLES = {"smollm2": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
 SETTING = re.compile(r"^w([2-8])(?:g(\d+)|c)$")
 
 
@@ -188,8 +194,9 @@ def plot(results: dict[str, Any], settings: list[str], methods: list[str], path:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = results["rows"]
-    kinds = [("groups of 64", lambda g: g == 64), ("per channel", lambda g: g == -1)]
-    kinds = [(t, f) for t, f in kinds if any(f(parse_setting(s)[1]) for s in settings)]
+    sizes = sorted({parse_setting(s)[1] for s in settings}, key=lambda g: (g == -1, g))
+    kinds = [("per channel" if g == -1 else f"groups of {g}", lambda x, g=g: x == g)
+             for g in sizes]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
     for ax, (title, keep) in zip(axes[0], kinds):
         chosen = sorted((parse_setting(s)[0], s) for s in settings if keep(parse_setting(s)[1]))
@@ -211,7 +218,8 @@ def plot(results: dict[str, Any], settings: list[str], methods: list[str], path:
         ax.set_xticks([b for b, _ in chosen])
         ax.set_xlabel("bits per weight")
         ax.set_ylabel("WikiText-2 perplexity (log scale)")
-        ax.set_title(f"SmolLM2-135M, {title}")
+        ax.set_title(f"{MODEL_TITLES.get(results['protocol']['model'], results['protocol']['model'])}"
+                     f", {title}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

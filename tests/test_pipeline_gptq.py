@@ -44,7 +44,8 @@ def test_gptq_output_loads_and_runs(gptq_reference: tuple[Path, str], tiny_llama
     rel = (logits - ref).norm() / ref.norm()
     assert torch.isfinite(logits).all() and 0 < rel < 0.5
     meta = json.loads((out / "neuqi.json").read_text())
-    assert meta["quantization"]["gptq"] == {"act_order": True, "block_size": 128}
+    assert meta["quantization"]["gptq"] == {"act_order": True, "block_size": 128,
+                                            "params": QuantizeConfig.gptq_params}
 
 
 def test_gptq_records_and_cleans_up(gptq_reference: tuple[Path, str]):
@@ -114,6 +115,37 @@ def test_other_gptq_methods_run(method: str, tiny_llama: Path, tmp_path: Path):
     meta = json.loads((out / "neuqi.json").read_text())
     assert meta["quantization"]["method"] == method
     assert torch.isfinite(load_quantized(out)(torch.arange(10).unsqueeze(0)).logits).all()
+
+
+@pytest.fixture(scope="module")
+def lazy_reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("gptq-lazy") / "out"
+    r = neuqi("quantize", str(tiny_llama), "--out", str(out), *GPTQ, "--gptq-params", "lazy")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_lazy_neuqi_gptq_differs_from_static_and_resumes_bitwise(
+    lazy_reference: Path, gptq_reference: tuple[Path, str], tiny_llama: Path, tmp_path: Path
+):
+    meta = json.loads((lazy_reference / "neuqi.json").read_text())
+    assert meta["quantization"]["gptq"]["params"] == "lazy"
+    static = gptq_reference[0]
+    assert json.loads((static / "neuqi.json").read_text())["quantization"]["gptq"]["params"] \
+        == QuantizeConfig.gptq_params
+    a, b = output_tensors(lazy_reference), output_tensors(static)
+    if QuantizeConfig.gptq_params == "static":
+        assert any(not torch.equal(a[k], b[k]) for k in a if "proj" in k)
+    out = tmp_path / "out"
+    cmd = ["quantize", str(tiny_llama), "--out", str(out), *GPTQ, "--gptq-params", "lazy"]
+    r = neuqi(*cmd, env={KILL_AFTER_ENV: "6"})  # in layer 0's solves
+    assert r.returncode == -9, r.stderr
+    # the job is pinned to its --gptq-params: the other one is refused in one line
+    line = one_line_error(neuqi(*cmd[:-1], "static"))
+    assert "gptq_params" in line
+    r = neuqi(*cmd)
+    assert r.returncode == 0, r.stderr
+    assert_bitwise_equal(out, lazy_reference)
 
 
 def test_lazy_minmax_without_gptq_is_refused(tiny_llama: Path, tmp_path: Path):

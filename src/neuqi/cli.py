@@ -36,6 +36,11 @@ class Method(str, Enum):
     minmax_lazy = "minmax-lazy"  # GPTQ's own Min-Max, only with --gptq
 
 
+class GptqParams(str, Enum):
+    lazy = "lazy"
+    static = "static"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -122,6 +127,10 @@ def quantize(
         help="GPTQ: quantize columns by decreasing Hessian diagonal.")] = True,
     gptq_block_size: Annotated[int, typer.Option(
         help="GPTQ: columns per lazy batch update.")] = 128,
+    gptq_params: Annotated[GptqParams | None, typer.Option(
+        help="GPTQ: solve each group's scale and zero-point when GPTQ reaches the group, from "
+             "the weights as compensated so far (lazy, as GPTQ's authors do), or once from the "
+             "original weights (static). Default: see the README's Methods.")] = None,
     scheduler: Annotated[str | None, typer.Option(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
              "joins a running cluster (workers must see the job store and the model under the "
@@ -176,7 +185,7 @@ def quantize(
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
-        distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
+        **({"gptq_params": gptq_params.value} if gptq_params else {}), distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
         solver_backend=solver_backend.value, moe_calibration=moe_calibration,
         max_memory=_size(max_memory),
     )

@@ -23,17 +23,21 @@ stays small (Frantar et al. 2022, "GPTQ"; LDLQ of Chee et al. 2023 is the same u
 4. Blocked lazy updates: the update runs inside a block of ``block_size`` columns; the columns
    after the block receive the whole block's errors in one matrix product.
 
-The ``(s, z)`` normally come from the caller, computed once from the original weights (the NeUQI
-recipe: ``solver.quantize_tensor`` with ``minmax``, ``neuqi-int`` or ``neuqi``). With
-``lazy_minmax`` (the original GPTQ's own quantizer, method ``minmax-lazy``) a group's Min-Max
-parameters are computed when its first column is reached, from the group's weights as they are
-then, i.e. after the compensation of all columns processed before. Groups stay static under
-act-order here too: the group's columns are the ``group_size`` consecutive original inputs, all
-still unquantized when the first of them (in processing order) comes up, so their current values
-are exact (pending lazy-block updates included).
+The ``(s, z)`` come either from the caller, computed once from the original weights (*static*:
+the NeUQI paper's recipe, ``solver.quantize_tensor`` with ``minmax``, ``neuqi-int`` or ``neuqi``),
+or *lazily* (``lazy=`` one of those methods): a group's parameters are solved when its first column
+is reached, from the group's weights as they are then, i.e. after the compensation of all columns
+processed before, with the Hessian diagonal ``h_diag`` of the group's inputs. ``lazy="minmax"`` is
+the original GPTQ's own quantizer (method ``minmax-lazy``; also GPTQModel's and llm-compressor's);
+``lazy="neuqi"`` runs NeUQI's search there instead (on the solver ``backend`` given, one call a
+group for all rows). Groups stay static under act-order here too: the group's columns are the
+``group_size`` consecutive original inputs, all still unquantized when the first of them (in
+processing order) comes up, so their current values are exact (pending lazy-block updates
+included).
 
 With ``H = I`` every update is zero and the result is bitwise that of rounding to nearest with the
-given ``(s, z)``, i.e. of ``solver.quantize_tensor``.
+given ``(s, z)``, i.e. of ``solver.quantize_tensor`` (lazily: with the parameters
+``solver.quantize_tensor`` finds for the original weights).
 """
 
 from __future__ import annotations
@@ -44,9 +48,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.solver import check_weight, dequantize, minmax_params
+from neuqi.solver import METHODS, check_weight, dequantize, minmax_params, quantize_tensor
 
 LAZY_MINMAX = "minmax-lazy"  # method name of the original GPTQ's lazy per-group Min-Max
+# When GPTQ solves a group's (s, z) (`neuqi quantize --gptq-params`): "lazy" when it reaches the
+# group's first column, from the compensated weights; "static" once, from the original weights.
+GPTQ_PARAMS = ("lazy", "static")
+GPTQ_PARAMS_DEFAULT = "static"
 DAMP = 0.01  # fraction of the mean diagonal added to H's diagonal (GPTQ's percdamp)
 DAMP_GROWTH = 10.0  # factor on the damping after a failed Cholesky
 DAMP_TRIES = 8  # damping up to DAMP * 10**7 of the mean diagonal, then plain rounding
@@ -118,15 +126,19 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = BLOCK_SIZE,
     damp: float = DAMP,
-    lazy_minmax: bool = False,
+    lazy: str | None = None,
+    h_diag: Tensor | None = None,
+    backend: str = "auto",
     device: torch.device | str | None = None,
     name: str = "weight",
 ) -> GPTQResult:
     """Quantize ``weight [out, in]`` with GPTQ against ``hessian [in, in]`` (see the module note).
 
     ``scale``/``zero_point [out, n_groups]`` are the fixed per-group parameters (required unless
-    ``lazy_minmax``, which computes its own). Computation is in float32 on ``device`` (default: the
-    weight's); results come back on that device. ``hessian`` is not modified.
+    ``lazy``: a method of ``solver.METHODS`` that solves each group's parameters when GPTQ reaches
+    it, with ``h_diag [in]`` (None: all ones) and the solver ``backend``). Computation is in
+    float32 on ``device`` (default: the weight's); results come back on that device. ``hessian``
+    is not modified.
     """
     out_features, in_features, g = check_weight(weight, bits, group_size, name)
     if hessian.shape != (in_features, in_features):
@@ -138,11 +150,15 @@ def gptq_quantize(
     n_groups = in_features // g
     device = torch.device(device) if device is not None else weight.device
     levels = 2**bits
-    if lazy_minmax:
+    if lazy is not None:
+        if lazy not in METHODS:
+            raise ValueError(f"{name}: lazy={lazy!r}, need one of {', '.join(METHODS)}")
         scale = torch.ones(out_features, n_groups, device=device)
         zero_point = torch.zeros(out_features, n_groups, device=device)
+        if h_diag is not None and h_diag.shape != (in_features,):
+            raise ValueError(f"{name}: h_diag has shape {tuple(h_diag.shape)}, need ({in_features},)")
     elif scale is None or zero_point is None:
-        raise ValueError(f"{name}: scale and zero_point are needed unless lazy_minmax is set")
+        raise ValueError(f"{name}: scale and zero_point are needed unless lazy is set")
     else:
         if scale.shape != (out_features, n_groups) or zero_point.shape != scale.shape:
             raise ValueError(f"{name}: scale/zero_point must have shape ({out_features}, {n_groups})")
@@ -165,7 +181,7 @@ def gptq_quantize(
     position[perm] = torch.arange(in_features, device=device)
     # lazy Min-Max: the columns (processing positions) of each group, and where each group starts
     group_positions = position.view(n_groups, g)
-    group_start = set(group_positions.amin(1).tolist()) if lazy_minmax else set()
+    group_start = set(group_positions.amin(1).tolist()) if lazy is not None else set()
 
     codes = torch.empty(out_features, in_features, device=device)
     for i1 in range(0, in_features, block_size):
@@ -179,7 +195,8 @@ def gptq_quantize(
             if j in group_start:
                 cols = group_positions[grp]
                 current = _current_columns(w, block, errors[:, :i], upper, cols, i1, i2, j)
-                scale[:, grp], zero_point[:, grp] = minmax_params(current, levels)
+                scale[:, grp], zero_point[:, grp] = _lazy_params(
+                    current, lazy, h_diag, grp, g, bits, backend, device, name)
             s, z = scale[:, grp], zero_point[:, grp]
             col = block[:, i]
             q = torch.round(col / s + z).clamp(0, levels - 1)
@@ -196,6 +213,20 @@ def gptq_quantize(
     diff = w_orig - dequantize(codes, scale, zero_point, group_size)
     output_error = float(((diff @ h) * diff).sum())
     return GPTQResult(codes, scale, zero_point, damp_used, output_error, bits, group_size)
+
+
+def _lazy_params(
+    current: Tensor, method: str, h_diag: Tensor | None, grp: int, g: int, bits: int,
+    backend: str, device: torch.device, name: str,
+) -> tuple[Tensor, Tensor]:
+    """``method``'s ``(s, z)`` for group ``grp`` from its current weights ``[out, g]``: the same
+    per-group solve as ``solver.quantize_tensor`` on the original weight (one group a row)."""
+    if method == "minmax":
+        return minmax_params(current, 2**bits)
+    h = h_diag[grp * g:(grp + 1) * g] if h_diag is not None else None
+    res = quantize_tensor(current, h, bits=bits, group_size=-1, method=method, device=device,
+                          name=f"{name} group {grp}", backend=backend)
+    return res.scale[:, 0], res.zero_point[:, 0]
 
 
 def _current_columns(

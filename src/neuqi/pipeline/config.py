@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neuqi.errors import UserError
-from neuqi.gptq import BLOCK_SIZE, LAZY_MINMAX
+from neuqi.gptq import BLOCK_SIZE, GPTQ_PARAMS, GPTQ_PARAMS_DEFAULT, LAZY_MINMAX
 from neuqi.moe import MOE_CALIBRATION
 from neuqi.solver import BACKENDS, METHODS, resolve_backend
 
@@ -44,6 +44,9 @@ class QuantizeConfig:
     gptq: bool = False  # GPTQ error compensation after the (s, z) of `method` (neuqi.gptq)
     act_order: bool = True  # GPTQ: columns by decreasing H_jj
     gptq_block_size: int = BLOCK_SIZE  # GPTQ: columns per lazy batch update
+    # GPTQ: when a group's (s, z) are solved (neuqi.gptq): "lazy" when GPTQ reaches the group's
+    # first column, from the weights as compensated so far; "static" from the original weights
+    gptq_params: str = GPTQ_PARAMS_DEFAULT
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
@@ -74,6 +77,9 @@ class QuantizeConfig:
         if self.method not in (*METHODS, LAZY_MINMAX):
             raise UserError(f"--method {self.method}: choose one of {', '.join(METHODS)} "
                             f"(or {LAZY_MINMAX} with --gptq)")
+        if self.gptq_params not in GPTQ_PARAMS:
+            raise UserError(f"--gptq-params {self.gptq_params}: choose one of "
+                            f"{', '.join(GPTQ_PARAMS)}")
         if self.group_size != -1 and self.group_size <= 0:
             raise UserError(f"--group-size {self.group_size}: use a positive size or -1")
         if self.solver_backend not in BACKENDS:
@@ -123,6 +129,8 @@ class QuantizeConfig:
             options.pop("moe_calibration")
         if self.solver_backend == "reference":  # as do those made before solver backends
             options.pop("solver_backend")
+        if not self.gptq or self.gptq_params == "static":  # and those before --gptq-params
+            options.pop("gptq_params")
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,
@@ -132,7 +140,8 @@ class QuantizeConfig:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
-        return cls(**{"solver_backend": "reference", **manifest["options"]})
+        return cls(**{"solver_backend": "reference", "gptq_params": "static",
+                      **manifest["options"]})
 
 
 def default_job_dir(out: str | Path) -> Path:

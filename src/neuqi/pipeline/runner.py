@@ -284,7 +284,9 @@ class Job:
                     info["distill"] = {"mode": "block-wise", "steps": cfg.distill_steps,
                                        "lr": cfg.distill_lr, "norms": cfg.distill_norms}
                 if cfg.gptq:
-                    info["gptq"] = {"act_order": cfg.act_order, "block_size": cfg.gptq_block_size}
+                    info["gptq"] = {"act_order": cfg.act_order, "block_size": cfg.gptq_block_size,
+                                    "params": "lazy" if cfg.method == "minmax-lazy"
+                                    else cfg.gptq_params}
                 run_pack(store, ckpt, out, info)
                 if not store.is_done("pack"):
                     self.mark("pack", [], {"out": str(out)})

@@ -70,10 +70,11 @@ def run_gptq_solve(
     store: JobStore, layer_index: int, linear: str, weight: torch.Tensor, h_diag: torch.Tensor,
     hessian: torch.Tensor, *, bits: int, group_size: int, method: str, act_order: bool,
     block_size: int, device: torch.device, weight_name: str, rows: int = 0,
-    dtype: torch.dtype | None = None, backend: str = "auto",
+    dtype: torch.dtype | None = None, backend: str = "auto", params: str = "static",
 ) -> tuple[list[str], dict[str, Any]]:
-    """GPTQ for one linear: initial (s, z) from ``method`` on the original weight and ``h_diag``
-    (none for ``minmax-lazy``, which finds its own), then error compensation against ``hessian``.
+    """GPTQ for one linear against ``hessian``: each group's (s, z) from ``method`` with
+    ``h_diag``, solved once from the original weight (``params`` "static") or when GPTQ reaches
+    the group, from the weights as compensated so far ("lazy"; ``minmax-lazy`` always is).
     Stores codes/scale/zero_point/loss as `run_solve` does (loss: ``sum_i h_i (w_i - ŵ_i)²`` per
     group, the same definition) and returns the array names and the record's info: ``loss`` (its
     total), ``output_error`` (``tr(ΔHΔᵀ)``, what GPTQ minimises) and ``damp`` (the dampening
@@ -82,21 +83,22 @@ def run_gptq_solve(
     ``rows`` (the memory budget's; 0: all): GPTQ runs on blocks of that many weight rows, each
     cast to ``dtype`` on the device in its turn (rows are independent given ``H``; the inverse
     factor is recomputed per block, time traded for memory)."""
-    lazy = method == LAZY_MINMAX
+    lazy = "minmax" if method == LAZY_MINMAX else method if params == "lazy" else None
     parts: dict[str, list[torch.Tensor]] = {part: [] for part in Q_PARTS}
     output_error, damp_used = 0.0, 0.0
     h = h_diag.to(device=device, dtype=torch.float32)
     for block in row_blocks(weight.shape[0], weight.shape[1], group_size, rows):
         w = weight[block].to(device=device, dtype=dtype or weight.dtype)
         scale = zero = None
-        if not lazy:
+        if lazy is None:
             init = quantize_tensor(w, h_diag, bits=bits, group_size=group_size, method=method,
                                    device=device, name=weight_name, backend=backend)
             scale, zero = init.scale, init.zero_point
             del init
         res = gptq_quantize(
             w, hessian, scale, zero, bits=bits, group_size=group_size, act_order=act_order,
-            block_size=block_size, lazy_minmax=lazy, device=device, name=weight_name,
+            block_size=block_size, lazy=lazy, h_diag=h_diag, backend=backend, device=device,
+            name=weight_name,
         )
         out_features = res.codes.shape[0]
         diff2 = (w.to(torch.float32) - res.dequantize()).pow(2).mul_(h)
