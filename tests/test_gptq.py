@@ -204,7 +204,8 @@ def test_identity_hessian_lazy_neuqi_is_neuqi_rtn(method: str, act_order: bool, 
 @pytest.mark.parametrize("act_order", [True, False])
 def test_lazy_neuqi_does_not_depend_on_the_block_size(act_order: bool):
     _, weight, hessian, h_diag = correlated_layer(seed=9)
-    kw = dict(bits=BITS, group_size=GROUP, lazy="neuqi", h_diag=h_diag, act_order=act_order)
+    kw = {"bits": BITS, "group_size": GROUP, "lazy": "neuqi", "h_diag": h_diag,
+          "act_order": act_order}
     ref = gptq_quantize(weight, hessian, block_size=weight.shape[1], **kw)
     res = gptq_quantize(weight, hessian, block_size=7, **kw)
     torch.testing.assert_close(res.scale, ref.scale, rtol=1e-5, atol=0)
