@@ -144,3 +144,43 @@ def test_calibration_windows_with_tokenizer(capfd: pytest.CaptureFixture[str]) -
         calibration_windows(tokenizer, text, nsamples=1, seqlen=400, seed=0)
     with pytest.raises(UserError, match="--nsamples"):
         calibration_windows(tokenizer, text, nsamples=0, seqlen=4, seed=0)
+
+
+def _word_tokenizer(bos: bool):
+    """A real fast tokenizer over a word vocabulary; with ``bos`` it puts ``<bos>`` before every
+    text, as Gemma's and Llama 3's do (a TemplateProcessing post-processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<bos>", "the", "quick", "brown", "fox", ".", "a", "b", "c", "d", "e", "f", "g", "h"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                           special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+
+
+def test_windows_follow_the_tokenizers_own_prefix() -> None:
+    """A tokenizer that adds <bos> gets it at the start of every calibration and evaluation
+    window (seqlen tokens in all); one that adds nothing gets plain text windows, as before."""
+    from neuqi.calib import window_prefix
+    from neuqi.evaluate import eval_windows
+
+    text = " ".join(["a", "b", "c", "d", "e", "f", "g", "h"] * 40)
+    plain, bos = _word_tokenizer(False), _word_tokenizer(True)
+    assert window_prefix(plain) == [] and window_prefix(bos) == [1]
+    ids = torch.tensor(plain(text, add_special_tokens=False)["input_ids"])
+
+    cal = calibration_windows(bos, text, 5, 16, seed=3)
+    assert cal.shape == (5, 16) and (cal[:, 0] == 1).all() and (cal[:, 1:] != 1).all()
+    assert torch.equal(cal[:, 1:], sample_windows(ids, 5, 15, 3))
+    assert torch.equal(calibration_windows(plain, text, 5, 16, seed=3),
+                       sample_windows(ids, 5, 16, 3))
+
+    ev = eval_windows(bos, text, 16, max_windows=3)
+    assert ev.shape == (3, 16) and (ev[:, 0] == 1).all()
+    assert torch.equal(ev[:, 1:].reshape(-1), ids[:45])  # consecutive text, 15 tokens a window
+    assert torch.equal(eval_windows(plain, text, 16, max_windows=3).reshape(-1), ids[:48])
+    with pytest.raises(UserError, match="--seqlen 2 is too small"):
+        calibration_windows(bos, text, 1, 2, seed=0)

@@ -315,18 +315,43 @@ def sample_windows(token_ids: torch.Tensor, nsamples: int, seqlen: int, seed: in
     return token_ids.to(torch.int64)[index.to(token_ids.device)]
 
 
+def window_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer's own rule puts before a text (Gemma's and Llama 3's
+    ``<bos>``; none for SmolLM2 or Qwen), found by tokenizing a probe with and without them.
+
+    Every window, of calibration or evaluation, starts with these, as the model saw its text in
+    training (Gemma 3 270M scores 27.7 on WikiText-2 without its ``<bos>``, 19.6 with it)."""
+    probe = "The quick brown fox."
+    plain = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
+    k = len(full) - len(plain)
+    return full[:k] if k > 0 and full[k:] == plain else []
+
+
+def with_prefix(prefix: list[int], windows: torch.Tensor) -> torch.Tensor:
+    """``windows [n, L]`` with the ``prefix`` tokens in front: ``[n, len(prefix) + L]``."""
+    if not prefix:
+        return windows
+    head = torch.tensor(prefix, dtype=windows.dtype).expand(windows.shape[0], -1)
+    return torch.cat([head, windows], dim=1)
+
+
 def calibration_windows(
     tokenizer: Any, text: str, nsamples: int, seqlen: int, seed: int
 ) -> torch.Tensor:
-    """Tokenize ``text`` once (no special tokens) and return ``sample_windows`` of it.
+    """Tokenize ``text`` once (no special tokens) and return ``sample_windows`` of it, each
+    starting with the tokenizer's :func:`window_prefix` (``seqlen`` tokens in all).
 
     ``tokenizer`` is a Hugging Face tokenizer; ``verbose=False`` silences its warning about
     text longer than the model's maximum length. Result: int64 ``[nsamples, seqlen]`` on CPU.
     """
     _check_sizes(nsamples, seqlen)
+    prefix = window_prefix(tokenizer)
+    if seqlen <= len(prefix) + 1:
+        raise UserError(f"--seqlen {seqlen} is too small: give {len(prefix) + 2} or more")
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)
     ids = enc["input_ids"].reshape(-1).to(torch.int64)
-    return sample_windows(ids, nsamples, seqlen, seed)
+    return with_prefix(prefix, sample_windows(ids, nsamples, seqlen - len(prefix), seed))
 
 
 def text_sha256(text: str) -> str:

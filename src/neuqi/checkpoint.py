@@ -442,15 +442,16 @@ def load_tokenizer(path: Path) -> Any:
 
 
 def resolve_model(model: str, arg: str = "MODEL") -> Path:
-    """A local folder as is; ``"smollm2"`` is the demo model; anything else a hub id, downloaded.
+    """A local folder as is; a built-in model's name (``smollm2``, ``gemma3-270m``) its converted
+    checkpoint; anything else a hub id, downloaded.
     ``arg``: how the command's usage names the argument, for the error message."""
     local = Path(model).expanduser()
     if local.is_dir():
         return local
-    if model == "smollm2":
-        from neuqi.demo_model import ensure_smollm2
+    from neuqi.demo_model import BUILTIN, ensure_builtin
 
-        return ensure_smollm2()
+    if model in BUILTIN:
+        return ensure_builtin(model)
     if not _HUB_ID.match(model) or local.exists():
         raise UserError(f"{arg} {model}: folder does not exist")
     try:

@@ -94,8 +94,8 @@ def _log(as_json: bool) -> Any:
 @app.command()
 def quantize(
     model: Annotated[str, typer.Argument(
-        help="Model folder (config.json + safetensors), a hub id, or 'smollm2' for the built-in "
-             "demo model (SmolLM2-135M-Instruct).")],
+        help="Model folder (config.json + safetensors), a hub id, or a built-in real "
+             "model: 'smollm2' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M).")],
     out: Annotated[Path, typer.Option(help="Output folder for the quantized model.")],
     job: Annotated[Path | None, typer.Option(
         help="Job store folder (intermediate results; default: <out>.job). Reusing it resumes.")
@@ -368,7 +368,7 @@ def status(
 def eval_(
     model: Annotated[str, typer.Argument(
         help="A quantized neuqi output folder, or a full-precision model: folder, hub id, or "
-             "'smollm2'.")],
+             "a built-in model ('smollm2', 'gemma3-270m').")],
     data: Annotated[Path, typer.Option(
         help="Evaluation text file (UTF-8), e.g. the WikiText-2 test split.")],
     seqlen: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 2048,
@@ -418,7 +418,8 @@ def export(
 def distill(
     output: Annotated[Path, typer.Argument(help="A quantized neuqi output folder.")],
     teacher: Annotated[str, typer.Option(
-        help="The full-precision model OUTPUT was quantized from (folder, hub id or 'smollm2').")],
+        help="The full-precision model OUTPUT was quantized from (folder, hub id, 'smollm2' or "
+             "'gemma3-270m').")],
     out: Annotated[Path | None, typer.Option(
         help="Folder for the distilled output (default: <OUTPUT>-distilled).")] = None,
     job: Annotated[Path | None, typer.Option(

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from neuqi.calib import read_text_file
+from neuqi.calib import read_text_file, window_prefix, with_prefix
 from neuqi.checkpoint import load_tokenizer
 from neuqi.errors import UserError
 from neuqi.families import embedding_from_weight
@@ -64,12 +64,18 @@ def eval_windows(
     """``text`` tokenized once (no special tokens), cut into int64 ``[n, seqlen]`` windows.
 
     Consecutive, non-overlapping, the incomplete tail dropped; ``max_windows`` keeps the first
-    ones. UserError if the text is shorter than one window.
+    ones. Each window starts with the tokenizer's own prefix (``calib.window_prefix``: Gemma's
+    ``<bos>``, nothing for SmolLM2) followed by the next ``seqlen`` minus that many text tokens.
+    UserError if the text is shorter than one window.
     """
     _check_sizes(seqlen, max_windows, 1)
+    prefix = window_prefix(tokenizer)
+    if seqlen <= len(prefix) + 1:
+        raise UserError(f"--seqlen {seqlen} is too small: give {len(prefix) + 2} or more")
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)
     ids = enc["input_ids"].reshape(-1).to(torch.int64)
-    n = ids.numel() // seqlen
+    body = seqlen - len(prefix)
+    n = ids.numel() // body
     if n == 0:
         raise UserError(
             f"--data: the text has {ids.numel()} tokens, fewer than one window of --seqlen "
@@ -77,7 +83,7 @@ def eval_windows(
         )
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seqlen].reshape(n, seqlen)
+    return with_prefix(prefix, ids[: n * body].reshape(n, body))
 
 
 def _check_sizes(seqlen: int, max_windows: int | None, batch_size: int) -> None:

@@ -22,10 +22,10 @@ __all__ = ["job_status"]
 def _model_config(model: str) -> dict[str, Any] | None:
     """The model's config.json, without resolving a hub id (None where it cannot be read)."""
     folder = Path(model).expanduser()
-    if not folder.is_dir() and model == "smollm2":
-        from neuqi.demo_model import default_cache_dir
+    from neuqi.demo_model import BUILTIN, default_cache_dir
 
-        folder = default_cache_dir()
+    if not folder.is_dir() and model in BUILTIN:
+        folder = default_cache_dir(model)
     try:
         config = read_json(folder / "config.json")
     except (OSError, ValueError):
