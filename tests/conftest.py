@@ -170,3 +170,12 @@ def smollm2_dir(request: pytest.FixtureRequest) -> Path:
 
     root = Path(request.config.cache.mkdir("neuqi-smollm2"))
     return ensure_smollm2(root / FOLDER_NAME)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(request: pytest.FixtureRequest) -> Path:
+    """Gemma 3 270M, the second built-in real model, converted once into the pytest cache."""
+    from neuqi.demo_model import BUILTIN, ensure_builtin
+
+    root = Path(request.config.cache.mkdir("neuqi-gemma3-270m"))
+    return ensure_builtin("gemma3-270m", root / BUILTIN["gemma3-270m"].folder)
