@@ -58,15 +58,20 @@ METHODS: dict[str, list[str]] = {
     "neuqi-int": ["--method", "neuqi-int"],
     "neuqi": ["--method", "neuqi"],
     "minmax+gptq": ["--method", "minmax", "--gptq"],  # Min-Max of the original weights
-    "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq"],  # the original GPTQ
-    "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static"],  # NeUQI's recipe
+    "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq", "--no-gptq-refit"],  # GPTQ's own
+    "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
+                   "--no-gptq-refit"],  # the NeUQI paper's recipe
     # each group's NeUQI solved when GPTQ reaches it, from the compensated weights (neuqi.gptq)
-    "neuqi-lazy+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy"],
+    "neuqi-lazy+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
+                        "--no-gptq-refit"],
+    # then per row the better of it and GPTQ's lazy Min-Max, scales and zero-points refitted
+    "neuqi-lazy+gptq+refit": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
+                              "--gptq-refit"],
     "neuqi+distill": ["--method", "neuqi", "--distill-steps", "{steps}"],  # block-wise
     "neuqi+gptq+distill": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
-                           "--distill-steps", "{steps}"],
-    "neuqi-lazy+gptq+distill": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
-                                "--distill-steps", "{steps}"],
+                           "--no-gptq-refit", "--distill-steps", "{steps}"],
+    "neuqi-lazy+gptq+refit+distill": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
+                                      "--gptq-refit", "--distill-steps", "{steps}"],
     "neuqi+e2e-distill": ["--method", "neuqi"],  # then `neuqi distill` (END_TO_END)
 }
 # Rows whose quantized output is then trained end to end: `neuqi distill OUT --teacher MODEL`,

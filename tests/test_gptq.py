@@ -266,3 +266,44 @@ def test_lazy_neuqi_per_group_solves_pass_the_backend_criterion(bits: int, monke
         same += int((fast.scale == ref.scale).sum())
         total += fast.scale.numel()
     assert same >= 0.8 * total
+
+
+# --- refinement after GPTQ: best of two runs per row, scales and zero-points refitted ----------
+
+def test_refit_with_identity_codes_recovers_the_least_squares_parameters():
+    """With H = I and codes from an exact grid (w = s (q - z) + tiny noise), the refit finds s, z
+    back; a row whose codes are all equal keeps its parameters (no division by zero)."""
+    from neuqi.gptq import refit_params
+
+    gen = torch.Generator().manual_seed(12)
+    codes = torch.randint(0, 8, (6, 32), generator=gen).to(torch.uint8)
+    codes[5, :16] = 3  # one constant group
+    s = torch.rand(6, 2, generator=gen) + 0.5
+    z = torch.rand(6, 2, generator=gen) * 4
+    w = s.repeat_interleave(16, 1) * (codes.float() - z.repeat_interleave(16, 1))
+    s_fit, z_fit = refit_params(w, torch.eye(32), codes, torch.ones(6, 2), torch.zeros(6, 2), 16,
+                                damp=0.0)
+    torch.testing.assert_close(s_fit[:5], s[:5], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z_fit[:5], z[:5], rtol=1e-4, atol=1e-4)
+    w_fit = s_fit.repeat_interleave(16, 1) * (codes.float() - z_fit.repeat_interleave(16, 1))
+    torch.testing.assert_close(w_fit, w, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(s_fit).all() and (s_fit > 0).all()
+
+
+@pytest.mark.parametrize("group_size", [GROUP, -1])
+def test_refine_lowers_every_rows_output_error(group_size: int):
+    from neuqi.gptq import refine, row_errors
+
+    _, weight, hessian, h_diag = correlated_layer(seed=13)
+    lazy = gptq_quantize(weight, hessian, bits=BITS, group_size=group_size, lazy="neuqi",
+                         h_diag=h_diag)
+    mm = gptq_quantize(weight, hessian, bits=BITS, group_size=group_size, lazy="minmax")
+    best = refine(weight, hessian, lazy, mm)
+    before = torch.minimum(row_errors(weight, hessian, lazy), row_errors(weight, hessian, mm))
+    after = row_errors(weight, hessian, best)
+    assert (after <= before * (1 + 1e-6)).all()
+    assert after.sum() < 0.99 * before.sum()  # the refit pays on this layer
+    assert best.output_error == pytest.approx(float(after.sum()), rel=1e-5)
+    # codes are one of the two runs' codes, row by row
+    same = (best.codes == lazy.codes).all(1) | (best.codes == mm.codes).all(1)
+    assert same.all()

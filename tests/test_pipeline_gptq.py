@@ -45,7 +45,8 @@ def test_gptq_output_loads_and_runs(gptq_reference: tuple[Path, str], tiny_llama
     assert torch.isfinite(logits).all() and 0 < rel < 0.5
     meta = json.loads((out / "neuqi.json").read_text())
     assert meta["quantization"]["gptq"] == {"act_order": True, "block_size": 128,
-                                            "params": QuantizeConfig.gptq_params}
+                                            "params": QuantizeConfig.gptq_params,
+                                            "refit": QuantizeConfig.gptq_refit}
 
 
 def test_gptq_records_and_cleans_up(gptq_reference: tuple[Path, str]):
@@ -106,14 +107,19 @@ def test_gptq_killed_and_resumed_is_bitwise_identical(
     assert_bitwise_equal(out, gptq_reference[0])
 
 
-@pytest.mark.parametrize("method", ["minmax-lazy", "neuqi-int"])
-def test_other_gptq_methods_run(method: str, tiny_llama: Path, tmp_path: Path):
+@pytest.mark.parametrize("method,params,refit", [("minmax-lazy", "static", False),
+                                                 ("neuqi-int", "static", False),
+                                                 ("neuqi", "lazy", True)])
+def test_other_gptq_methods_run(method: str, params: str, refit: bool, tiny_llama: Path,
+                                tmp_path: Path):
     config = QuantizeConfig(model=str(tiny_llama), out=str(tmp_path / "o"), bits=3,
                             group_size=16, method=method, nsamples=4, seqlen=32, batch_size=3,
-                            gptq=True, act_order=False, gptq_block_size=8)
+                            gptq=True, act_order=False, gptq_block_size=8, gptq_params=params,
+                            gptq_refit=refit)
     out = quantize(config, device="cpu")
     meta = json.loads((out / "neuqi.json").read_text())
     assert meta["quantization"]["method"] == method
+    assert meta["quantization"]["gptq"]["refit"] is refit
     assert torch.isfinite(load_quantized(out)(torch.arange(10).unsqueeze(0)).logits).all()
 
 

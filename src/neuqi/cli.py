@@ -131,6 +131,11 @@ def quantize(
         help="GPTQ: solve each group's scale and zero-point when GPTQ reaches the group, from "
              "the weights as compensated so far (lazy, as GPTQ's authors do), or once from the "
              "original weights (static). Default: see the README's Methods.")] = None,
+    gptq_refit: Annotated[bool | None, typer.Option(
+        "--gptq-refit/--no-gptq-refit",
+        help="GPTQ: then keep, row by row, the better (by output error on the calibration "
+             "Hessian) of that and GPTQ's lazy Min-Max, and re-solve the row's scales and "
+             "zero-points by least squares with its codes fixed. Default: see the README.")] = None,
     scheduler: Annotated[str | None, typer.Option(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
              "joins a running cluster (workers must see the job store and the model under the "
@@ -185,7 +190,8 @@ def quantize(
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
-        **({"gptq_params": gptq_params.value} if gptq_params else {}), distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
+        **({"gptq_params": gptq_params.value} if gptq_params else {}),
+        **({"gptq_refit": gptq_refit} if gptq_refit is not None else {}), distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
         solver_backend=solver_backend.value, moe_calibration=moe_calibration,
         max_memory=_size(max_memory),
     )

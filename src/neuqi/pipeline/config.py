@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from neuqi.errors import UserError
-from neuqi.gptq import BLOCK_SIZE, GPTQ_PARAMS, GPTQ_PARAMS_DEFAULT, LAZY_MINMAX
+from neuqi.gptq import (
+    BLOCK_SIZE,
+    GPTQ_PARAMS,
+    GPTQ_PARAMS_DEFAULT,
+    GPTQ_REFIT_DEFAULT,
+    LAZY_MINMAX,
+)
 from neuqi.moe import MOE_CALIBRATION
 from neuqi.solver import BACKENDS, METHODS, resolve_backend
 
@@ -47,6 +53,9 @@ class QuantizeConfig:
     # GPTQ: when a group's (s, z) are solved (neuqi.gptq): "lazy" when GPTQ reaches the group's
     # first column, from the weights as compensated so far; "static" from the original weights
     gptq_params: str = GPTQ_PARAMS_DEFAULT
+    # GPTQ: then each row keeps the better of that and GPTQ's lazy Min-Max (by output error), and
+    # its scales and zero-points are re-solved by least squares with the codes fixed
+    gptq_refit: bool = GPTQ_REFIT_DEFAULT
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
@@ -131,6 +140,8 @@ class QuantizeConfig:
             options.pop("solver_backend")
         if not self.gptq or self.gptq_params == "static":  # and those before --gptq-params
             options.pop("gptq_params")
+        if not self.gptq or not self.gptq_refit:  # and before --gptq-refit
+            options.pop("gptq_refit")
         return {
             "neuqi_job": MANIFEST_VERSION,
             "options": options,
@@ -141,7 +152,7 @@ class QuantizeConfig:
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
         return cls(**{"solver_backend": "reference", "gptq_params": "static",
-                      **manifest["options"]})
+                      "gptq_refit": False, **manifest["options"]})
 
 
 def default_job_dir(out: str | Path) -> Path:

@@ -286,7 +286,7 @@ class Job:
                 if cfg.gptq:
                     info["gptq"] = {"act_order": cfg.act_order, "block_size": cfg.gptq_block_size,
                                     "params": "lazy" if cfg.method == "minmax-lazy"
-                                    else cfg.gptq_params}
+                                    else cfg.gptq_params, "refit": cfg.gptq_refit}
                 run_pack(store, ckpt, out, info)
                 if not store.is_done("pack"):
                     self.mark("pack", [], {"out": str(out)})

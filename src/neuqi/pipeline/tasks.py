@@ -117,7 +117,7 @@ def solve_task(
                 group_size=config.group_size, method=config.method, act_order=config.act_order,
                 block_size=config.gptq_block_size, device=dev, weight_name=name, rows=rows,
                 dtype=config.torch_dtype, backend=config.solver_backend,
-                params=config.gptq_params,
+                params=config.gptq_params, refit=config.gptq_refit,
             )
         else:
             arrays, loss = run_solve(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from neuqi.gptq import DAMP, LAZY_MINMAX, gptq_quantize
+from neuqi.gptq import DAMP, LAZY_MINMAX, gptq_quantize, refine
 from neuqi.pipeline.store import JobStore
 from neuqi.solver import quantize_tensor
 from neuqi.stages.common import Q_PARTS, q_name
@@ -71,10 +71,13 @@ def run_gptq_solve(
     hessian: torch.Tensor, *, bits: int, group_size: int, method: str, act_order: bool,
     block_size: int, device: torch.device, weight_name: str, rows: int = 0,
     dtype: torch.dtype | None = None, backend: str = "auto", params: str = "static",
+    refit: bool = False,
 ) -> tuple[list[str], dict[str, Any]]:
     """GPTQ for one linear against ``hessian``: each group's (s, z) from ``method`` with
     ``h_diag``, solved once from the original weight (``params`` "static") or when GPTQ reaches
-    the group, from the weights as compensated so far ("lazy"; ``minmax-lazy`` always is).
+    the group, from the weights as compensated so far ("lazy"; ``minmax-lazy`` always is). With
+    ``refit``, each row then keeps the better (by output error) of that and GPTQ's lazy Min-Max,
+    and its scales and zero-points are re-solved with the codes fixed (``neuqi.gptq.refine``).
     Stores codes/scale/zero_point/loss as `run_solve` does (loss: ``sum_i h_i (w_i - ŵ_i)²`` per
     group, the same definition) and returns the array names and the record's info: ``loss`` (its
     total), ``output_error`` (``tr(ΔHΔᵀ)``, what GPTQ minimises) and ``damp`` (the dampening
@@ -100,6 +103,14 @@ def run_gptq_solve(
             block_size=block_size, lazy=lazy, h_diag=h_diag, backend=backend, device=device,
             name=weight_name,
         )
+        if refit:
+            other = None
+            if lazy != "minmax":
+                other = gptq_quantize(
+                    w, hessian, bits=bits, group_size=group_size, act_order=act_order,
+                    block_size=block_size, lazy="minmax", device=device, name=weight_name)
+            res = refine(w, hessian, res, other)
+            del other
         out_features = res.codes.shape[0]
         diff2 = (w.to(torch.float32) - res.dequantize()).pow(2).mul_(h)
         del w
