@@ -1,7 +1,8 @@
-"""What GPTQ costs and gains per decoder layer, on the real SmolLM2-135M layer and calibration text.
+"""What GPTQ costs and gains per decoder layer, on a real model's layer and calibration text.
 
-    python benchmarks/gptq.py [--device cpu|cuda] [--layer 2] [--bits 2,3,4] [--group-size 64]
-        [--nsamples 16] [--seqlen 512] [--methods minmax,neuqi-int,neuqi]
+    python benchmarks/gptq.py [--model smollm2|gemma3-270m|FOLDER] [--device cpu|cuda] [--layer 2]
+        [--bits 2,3,4] [--group-size 64] [--nsamples 16] [--seqlen 512]
+        [--methods minmax,neuqi-int,neuqi,minmax-lazy,neuqi-lazy,neuqi-lazy+refit]
 
 Calibration windows from the shipped text go through the full-precision model up to decoder layer
 ``--layer``; the real `hessian` stage then stores that layer's diagonal ``h`` and full Hessians
@@ -9,7 +10,9 @@ Calibration windows from the shipped text go through the full-precision model up
 solved twice through the real stages: plainly (``stages.solve.run_solve``: the chosen (s, z) and
 rounding to nearest) and with GPTQ (``stages.gptq.run_gptq_solve``: the same (s, z), then error
 compensation with act-order, block 128, 1% damping; ``minmax-lazy`` is the original GPTQ, which
-has no plain row). The table gives the seconds per layer of each, the extra seconds GPTQ costs,
+has no plain row); ``M-lazy`` solves method M's parameters inside GPTQ's loop (``--gptq-params
+lazy``) and ``+refit`` adds the refinement of ``--gptq-refit`` (``neuqi.gptq.refine``); these have
+no plain row either. The table gives the seconds per layer of each, the extra seconds GPTQ costs,
 and the layer's output error ``sum over linears of tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for both (lower is
 better). Every method is run once untimed first, so ``torch.compile`` is not timed. Reading ``H``
 from the store is not timed (the runner reads it once per input group).
@@ -26,8 +29,7 @@ from pathlib import Path
 import torch
 
 from neuqi.calib import calibration_windows, load_calibration_text
-from neuqi.checkpoint import Checkpoint, load_tokenizer
-from neuqi.demo_model import ensure_smollm2
+from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
 from neuqi.gptq import LAZY_MINMAX
 from neuqi.models import build_layer, build_rotary
 from neuqi.pipeline.store import JobStore
@@ -65,7 +67,8 @@ def output_error(store: JobStore, layer_index: int, linear: str, weight: torch.T
 
 def solve_layer(store: JobStore, ckpt: Checkpoint, layer: torch.nn.Module, layer_index: int,
                 hessians: dict[str, torch.Tensor], *, bits: int, group_size: int, method: str,
-                gptq: bool, device: torch.device) -> tuple[float, float]:
+                gptq: bool, device: torch.device, params: str = "static",
+                refit: bool = False) -> tuple[float, float]:
     """Seconds to solve the layer's linears, and the layer's summed output error."""
     arch = ckpt.arch
     seconds = error = 0.0
@@ -81,7 +84,8 @@ def solve_layer(store: JobStore, ckpt: Checkpoint, layer: torch.nn.Module, layer
             started = time.perf_counter()
             if gptq:
                 run_gptq_solve(store, layer_index, linear, weight, h, hessians[group],
-                               act_order=True, block_size=128, **kwargs)
+                               act_order=True, block_size=128, params=params, refit=refit,
+                               **kwargs)
             else:
                 run_solve(store, layer_index, linear, weight, h, **kwargs)
             if device.type == "cuda":
@@ -94,6 +98,7 @@ def solve_layer(store: JobStore, ckpt: Checkpoint, layer: torch.nn.Module, layer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--bits", default="2,3,4")
@@ -103,7 +108,7 @@ def main() -> None:
     parser.add_argument("--methods", default=f"minmax,neuqi-int,neuqi,{LAZY_MINMAX}")
     args = parser.parse_args()
     device = torch.device(args.device)
-    ckpt = Checkpoint.open(ensure_smollm2())
+    ckpt = Checkpoint.open(resolve_model(args.model))
     methods = args.methods.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         store = JobStore.create_or_open(Path(tmp) / "job", {"benchmark": "gptq"})
@@ -114,7 +119,7 @@ def main() -> None:
                     for g, _ in ckpt.arch.linear_groups}
         shapes = ", ".join(f"{lin.split('.')[-1]} {tuple(layer.get_submodule(lin).weight.shape)}"
                            for lin in ckpt.arch.linears)
-        print(f"SmolLM2-135M layer {args.layer} ({shapes}); {args.nsamples} x {args.seqlen} "
+        print(f"{args.model} layer {args.layer} ({shapes}); {args.nsamples} x {args.seqlen} "
               f"calibration tokens; group size {args.group_size}; device {device} "
               f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
               f"threads); embed + forward + hessian (with H): {prep:.1f} s\n")
@@ -122,20 +127,27 @@ def main() -> None:
               "output error plain | output error GPTQ |")
         print("|---|---|---|---|---|---|---|")
         for bits in (int(b) for b in args.bits.split(",")):
-            for method in methods:
-                lazy = method == LAZY_MINMAX
+            for row in methods:
+                refit = row.endswith("+refit")
+                method = row.removesuffix("+refit")
+                params = "lazy" if method.endswith("-lazy") and method != LAZY_MINMAX else "static"
+                method = method.removesuffix("-lazy") if params == "lazy" else method
+                lazy = method == LAZY_MINMAX or params == "lazy" or refit
                 common = {"bits": bits, "group_size": args.group_size, "method": method,
                           "device": device}
                 if not lazy:  # warm-up (compilation), then timed
                     solve_layer(store, ckpt, layer, args.layer, hessians, gptq=False, **common)
                     plain_s, plain_e = solve_layer(store, ckpt, layer, args.layer, hessians,
                                                    gptq=False, **common)
-                solve_layer(store, ckpt, layer, args.layer, hessians, gptq=True, **common)
+                extra = {"params": params, "refit": refit}
+                solve_layer(store, ckpt, layer, args.layer, hessians, gptq=True, **common,
+                            **extra)
                 gptq_s, gptq_e = solve_layer(store, ckpt, layer, args.layer, hessians,
-                                             gptq=True, **common)
+                                             gptq=True, **common, **extra)
                 if lazy:
-                    print(f"| {bits} | {method} (original GPTQ) | | {gptq_s:.2f} | | | "
-                          f"{gptq_e:.4g} |")
+                    name = f"{row} (original GPTQ)" if row == LAZY_MINMAX else row
+                    print(f"| {bits} | {name} | | {gptq_s:.2f} | | | {gptq_e:.4g} |",
+                          flush=True)
                 else:
                     print(f"| {bits} | {method} | {plain_s:.2f} | {gptq_s:.2f} | "
                           f"{gptq_s - plain_s:+.2f} | {plain_e:.4g} | {gptq_e:.4g} |",

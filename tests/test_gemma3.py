@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_bitwise_equal, neuqi
+from helpers import assert_bitwise_equal, gguf_in_transformers, neuqi
 
 from neuqi.loader import load_quantized
 from neuqi.pipeline.runner import KILL_AFTER_ENV
@@ -96,6 +96,31 @@ def test_gemma3_compressed_tensors_export_loads_in_transformers(gemma3_output: P
         out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
     with torch.no_grad():
         theirs = model(ids).logits
+        ours = load_quantized(gemma3_output)(ids).logits
+    assert float((theirs - ours).norm() / ours.norm()) < 1e-2
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+def test_gemma3_gguf_export_reads_back_in_transformers(gemma3_output: Path, gemma3_dir: Path,
+                                                      tmp_path: Path):
+    """The conversion writes the tokenizer.model that the GGUF export needs (from the source
+    GGUF's vocabulary: it tokenizes as tokenizer.json does), and the exported GGUF, read by
+    transformers' own GGUF reader, computes the native output's logits."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromFile(str(gemma3_dir / "tokenizer.model"))
+    text = (Path(__file__).parents[1] / "data" / "wikitext2-test.raw").read_text()[:5000]
+    plain = AutoTokenizer.from_pretrained(gemma3_dir)(text, add_special_tokens=False).input_ids
+    assert sp.EncodeAsIds(text) == plain
+    assert (sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.pad_id()) == (2, 1, 3, 0)
+    file = tmp_path / "g.gguf"
+    r = neuqi("export", str(gemma3_output), "--format", "gguf", "--out", str(file))
+    assert r.returncode == 0, r.stderr
+    ids = torch.tensor([[2, 818, 563, 496, 9043]])
+    with torch.no_grad():
+        theirs = gguf_in_transformers(file)(ids).logits
         ours = load_quantized(gemma3_output)(ids).logits
     assert float((theirs - ours).norm() / ours.norm()) < 1e-2
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))

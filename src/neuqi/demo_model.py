@@ -180,8 +180,71 @@ def _convert(model: BuiltinModel, gguf: Path, out: Path) -> None:
         hf_model.hf_quantizer = None
     hf_model.save_pretrained(str(out))  # safetensors is the default (and only) format
     tokenizer.save_pretrained(str(out))
+    _write_sentencepiece_model(gguf, out / "tokenizer.model")
     (out / "NEUQI_SOURCE.txt").write_text(
         f"Converted by neuqi from {model.gguf} ({model.install}) with transformers "
         f"{transformers.__version__} in {time.perf_counter() - start:.1f} s.\n{model.origin}\n",
         encoding="utf-8",
     )
+
+
+# -------------------------------------------------------------------- tokenizer.model from the GGUF
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: float | bytes) -> bytes:
+    """One protobuf field: a varint (int, bool), a 32-bit float, or length-delimited bytes."""
+    import struct
+
+    if isinstance(value, bytes):
+        return _varint(number << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def _write_sentencepiece_model(gguf: Path, path: Path) -> None:
+    """The SentencePiece ``tokenizer.model`` of a GGUF whose vocabulary is llama.cpp's ``llama``
+    (SentencePiece BPE): its pieces, scores and types, BPE with byte fallback, the special ids,
+    and no normalization but the space escape (``add_dummy_prefix`` from ``add_space_prefix``).
+    transformers' GGUF reader builds only tokenizer.json; the GGUF export (and sentencepiece) need
+    this file, as it was before llama.cpp's converter read it. Other vocabularies write nothing."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+
+    def value(key: str, default: object = None) -> object:
+        f = reader.fields.get(key)
+        if f is None or not f.data:
+            return default
+        if f.types[0].name == "STRING":
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        if f.types[0].name == "ARRAY":
+            return [f.parts[i] for i in f.data]
+        return f.parts[f.data[0]].tolist()[0]
+
+    if value("tokenizer.ggml.model") != "llama":
+        return
+    tokens, scores, types = (value(f"tokenizer.ggml.{k}") for k in ("tokens", "scores",
+                                                                      "token_type"))
+    unknown = value("tokenizer.ggml.unknown_token_id")
+    pieces = b"".join(  # the unknown token is UNKNOWN (2), as in the model's own tokenizer.model
+        _field(1, _field(1, bytes(t)) + _field(2, float(s[0]))
+               + _field(3, 2 if i == unknown else int(k[0])))
+        for i, (t, s, k) in enumerate(zip(tokens, scores, types)))  # type: ignore[arg-type]
+    trainer = _field(3, 2) + _field(35, 1)  # model_type BPE, byte_fallback
+    # the special ids (40-43) and their pieces (45-48: sentencepiece finds the ids by the pieces)
+    for number, name in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
+        token_id = value(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None:
+            trainer += _field(number, token_id) + _field(number + 5, bytes(tokens[token_id]))
+    normalizer = (_field(1, b"identity") + _field(3, bool(value("tokenizer.ggml.add_space_prefix",
+                                                                 True)))
+                  + _field(4, 0) + _field(5, 1))
+    path.write_bytes(pieces + _field(2, trainer) + _field(3, normalizer))
