@@ -119,6 +119,38 @@ def test_quantized_with_biases_and_tied_head(quantized_qwen2: Path, text_file: P
     assert result["perplexity"] == pytest.approx(reference_perplexity(model, windows), rel=1e-5)
 
 
+def test_reference_gives_kl_divergence_and_top_token_agreement(
+    tiny_llama: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    """--reference: zero KL and full agreement against the model itself; against a 2-bit
+    output, the KL divergence that the two loaded models' logits give on the same windows."""
+    from transformers import AutoModelForCausalLM
+
+    same = perplexity(str(tiny_llama), text_file, SEQLEN, 3, 2, "cpu", reference=str(tiny_llama))
+    assert same["kld"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
+    out = tmp_path_factory.mktemp("q2") / "out"
+    two_bits = quantize(QuantizeConfig(model=str(tiny_llama), out=str(out), bits=2,
+                                       group_size=16, nsamples=4, seqlen=32), device="cpu")
+    r = neuqi("eval", str(two_bits), "--data", str(text_file), "--seqlen", str(SEQLEN),
+              "--max-windows", "3", "--device", "cpu", "--reference", str(tiny_llama), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    windows = windows_of(two_bits, text_file, 3)
+    with torch.no_grad():
+        logp = F.log_softmax(load_quantized(two_bits)(windows).logits[:, :-1].float(), -1)
+        full = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        ref = F.log_softmax(full(windows).logits[:, :-1].float(), -1)
+    kld = float((ref.exp() * (ref - logp)).sum(-1).mean())
+    agree = float((logp.argmax(-1) == ref.argmax(-1)).float().mean())
+    assert result["kld"] > 0.01 and result["kld"] == pytest.approx(kld, rel=1e-4)
+    assert result["top1_agreement"] == pytest.approx(agree, abs=1e-9) and agree < 1
+    # the plain output: KL and agreement, then the perplexity last
+    r = neuqi("eval", str(two_bits), "--data", str(text_file), "--seqlen", str(SEQLEN),
+              "--max-windows", "3", "--device", "cpu", "--reference", str(tiny_llama))
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("KL divergence: ") and lines[-1].startswith("perplexity: ")
+
+
 def test_cli_prints_perplexity_last_and_json(tiny_llama: Path, text_file: Path):
     args = ["eval", str(tiny_llama), "--data", str(text_file), "--seqlen", str(SEQLEN),
             "--max-windows", "3", "--batch-size", "2", "--device", "cpu"]

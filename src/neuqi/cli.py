@@ -383,14 +383,22 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch.")] = 4,
     device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    reference: Annotated[str | None, typer.Option(
+        help="Also stream this model (the full-precision one the output was quantized from) "
+             "over the same windows and report the mean KL divergence of the next-token "
+             "distributions and how often the top token agrees.")] = None,
 ) -> None:
     """Perplexity of a model or a quantized output, one decoder layer at a time."""
     from neuqi.evaluate import perplexity
 
-    result = perplexity(model, data, seqlen, max_windows, batch_size, device.value, err)
+    result = perplexity(model, data, seqlen, max_windows, batch_size, device.value, err,
+                        reference=reference)
     if as_json:
         typer.echo(json.dumps(result))
     else:
+        if reference is not None:
+            typer.echo(f"KL divergence: {result['kld']:.6f}")
+            typer.echo(f"top-token agreement: {100 * result['top1_agreement']:.2f} %")
         typer.echo(f"perplexity: {result['perplexity']:.4f}")
 
 

@@ -253,6 +253,49 @@ def _nll_sum(head: LMHead, hidden: torch.Tensor, ids: torch.Tensor) -> float:
     return total
 
 
+def _kl_and_agreement(head: LMHead, hidden: torch.Tensor, ref_head: LMHead,
+                      ref_hidden: torch.Tensor) -> tuple[float, int]:
+    """Summed KL(P_ref || P) of the next-token distributions and the count of positions whose
+    top token agrees, over the predicting positions of hidden states ``[b, s, h]``."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    r = ref_hidden[:, :-1].reshape(-1, ref_hidden.shape[-1])
+    kl, agree = 0.0, 0
+    for start in range(0, h.shape[0], _HEAD_CHUNK):
+        logp = F.log_softmax(head(h[start : start + _HEAD_CHUNK]).float(), dim=-1)
+        ref = F.log_softmax(ref_head(r[start : start + _HEAD_CHUNK]).float(), dim=-1)
+        kl += float(F.kl_div(logp, ref, log_target=True, reduction="sum").double())
+        agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+    return kl, agree
+
+
+def _last_hidden(model: Any, windows: torch.Tensor, batch_size: int, dev: torch.device,
+                 console: Console, label: str = "") -> torch.Tensor:
+    """The hidden states after the last decoder layer ``[n, seqlen, hidden]`` (on the host),
+    computed one layer at a time over all windows."""
+    n, seqlen = windows.shape
+    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    embed = model.embedding(dev)
+    hidden = torch.empty((n, seqlen, embed.embedding_dim), dtype=DTYPE)
+    for a, b in batches:
+        hidden[a:b] = embed(windows[a:b].to(dev)).to(DTYPE).cpu()
+    del embed
+    rotary = build_rotary(model.config, dev)
+    for i in range(model.layer_count):
+        t0 = time.perf_counter()
+        layer = model.layer(i, dev)
+        for a, b in batches:
+            h = hidden[a:b].to(dev)
+            out = layer_forward(layer, h, position_embeddings_for(rotary, h))
+            hidden[a:b] = out.to(DTYPE).cpu()
+        del layer
+        console.print(
+            f"{label}layer {i + 1}/{model.layer_count} ({time.perf_counter() - t0:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return hidden
+
+
 def perplexity(
     model_or_output: str,
     data: Path,
@@ -261,13 +304,20 @@ def perplexity(
     batch_size: int = 4,
     device: str | torch.device = "auto",
     console: Console | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of a checkpoint (folder, hub id, ``"smollm2"``) or of a neuqi output folder.
+    """Perplexity of a checkpoint (folder, hub id, built-in name) or of a neuqi output folder.
 
     Streamed one decoder layer at a time (see the module doc). Returns ``{"perplexity", "nll"
     (mean NLL per predicted token, nats), "windows", "tokens" (predicted tokens: windows *
-    (seqlen - 1)), "seqlen"}``. Progress goes to ``console`` (default: stderr). UserError for a
-    missing or non-text data file, a text shorter than one window, or bad sizes.
+    (seqlen - 1)), "seqlen"}``. With ``reference`` (a model, e.g. the full-precision one the
+    output was quantized from) the reference is streamed over the same windows too and the
+    result adds ``"kld"`` (mean KL divergence of the next-token distributions, reference to
+    model, nats per token), ``"top1_agreement"`` (fraction of positions whose most likely next
+    token is the reference's) and ``"reference"``: what llama.cpp's ``perplexity
+    --kl-divergence`` reports. Progress goes to ``console`` (default: stderr). UserError for a
+    missing or non-text data file, a text shorter than one window, bad sizes, or a reference
+    with another vocabulary.
     """
     from neuqi.devices import resolve_device
 
@@ -276,43 +326,41 @@ def perplexity(
     dev = resolve_device(str(device))
     text = read_eval_text(data)
     model = _open(model_or_output)
+    ref_model = _open(reference) if reference is not None else None
     windows = eval_windows(load_tokenizer(model.path), text, seqlen, max_windows)
     vocab = int(model.config.vocab_size)
     if int(windows.max()) >= vocab:
         raise UserError(f"{model.path}: the tokenizer gives ids beyond the model's vocabulary")
+    if ref_model is not None and int(ref_model.config.vocab_size) != vocab:
+        raise UserError(f"--reference {reference}: vocabulary of {ref_model.config.vocab_size} "
+                        f"tokens, not the {vocab} of {model.path}; give the model it was "
+                        f"quantized from")
     n = windows.shape[0]
     console.print(
         f"eval {model.path}: {n} windows of {seqlen} tokens, {model.layer_count} layers, "
-        f"device {dev}",
+        f"device {dev}" + (f"; reference {ref_model.path}" if ref_model is not None else ""),
         highlight=False,
         soft_wrap=True,
     )
     started = time.perf_counter()
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     with torch.no_grad():
-        embed = model.embedding(dev)
-        hidden = torch.empty((n, seqlen, embed.embedding_dim), dtype=DTYPE)
-        for a, b in batches:
-            hidden[a:b] = embed(windows[a:b].to(dev)).to(DTYPE).cpu()
-        del embed
-        rotary = build_rotary(model.config, dev)
-        for i in range(model.layer_count):
-            t0 = time.perf_counter()
-            layer = model.layer(i, dev)
-            for a, b in batches:
-                h = hidden[a:b].to(dev)
-                out = layer_forward(layer, h, position_embeddings_for(rotary, h))
-                hidden[a:b] = out.to(DTYPE).cpu()
-            del layer
-            console.print(
-                f"layer {i + 1}/{model.layer_count} ({time.perf_counter() - t0:.1f} s)",
-                highlight=False,
-                soft_wrap=True,
-            )
+        hidden = _last_hidden(model, windows, batch_size, dev, console)
         head = model.head(dev)
         nll_sum = 0.0
         for a, b in batches:
             nll_sum += _nll_sum(head, hidden[a:b].to(dev), windows[a:b].to(dev))
+        kl_sum, agree = 0.0, 0
+        if ref_model is not None:
+            del head
+            ref_hidden = _last_hidden(ref_model, windows, batch_size, dev, console,
+                                      label="reference ")
+            head, ref_head = model.head(dev), ref_model.head(dev)
+            for a, b in batches:
+                kl, same = _kl_and_agreement(head, hidden[a:b].to(dev), ref_head,
+                                             ref_hidden[a:b].to(dev))
+                kl_sum, agree = kl_sum + kl, agree + same
+            del ref_head, ref_hidden
         del head
     tokens = n * (seqlen - 1)
     nll = nll_sum / tokens
@@ -323,9 +371,14 @@ def perplexity(
         "tokens": tokens,
         "seqlen": seqlen,
     }
+    if ref_model is not None:
+        result.update(kld=kl_sum / tokens, top1_agreement=agree / tokens,
+                      reference=str(ref_model.path))
     console.print(
         f"perplexity {result['perplexity']:.4f} (nll {nll:.5f}, {tokens} tokens, "
-        f"{time.perf_counter() - started:.1f} s)",
+        f"{time.perf_counter() - started:.1f} s)"
+        + (f"; KL divergence to the reference {result['kld']:.6f}, top token agrees at "
+           f"{100 * result['top1_agreement']:.2f} %" if ref_model is not None else ""),
         highlight=False,
         soft_wrap=True,
     )
