@@ -220,3 +220,10 @@ def test_bad_input_is_one_line(command: str, tiny_model: Path, tmp_path: Path) -
                                             ("4096", 4096)])
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_plan_mirrors_the_refit_block():
+    from neuqi import gptq
+    from neuqi.pipeline import plan
+
+    assert plan.REFIT_ELEMENTS == gptq.REFIT_ELEMENTS

@@ -54,6 +54,7 @@ SOLVE_WEIGHT = 7  # float32 copies of the weight rows solve_tensor works on at o
 SOLVER_WORKSET = int(0.8 * GiB)  # the NeUQI scale search's chunk of groups (not minmax)
 GPTQ_HESSIAN = 2.5  # float32 [in, in] copies gptq_quantize holds besides the given Hessian
 GPTQ_WEIGHT = 4  # float32 copies of the weight rows gptq_quantize holds
+REFIT_ELEMENTS = 2**23  # neuqi.gptq.REFIT_ELEMENTS: float64 of one --gptq-refit block (a test checks)
 HOOK_ROWS_BYTES = 64 * 2**20  # the Hessian hook squares its input this many bytes at a time
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -356,6 +357,11 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             solve["GPTQ's inverse-Hessian factor and work copies"] = int(
                 GPTQ_HESSIAN * in_f * in_f * 4)
             solve[f"GPTQ on {rows} rows (float32)"] = GPTQ_WEIGHT * rows * in_f * 4
+        if opt.get("gptq_refit"):
+            # the second (lazy Min-Max) GPTQ result and the row errors beside the first, and
+            # the refit's float64 block (neuqi.gptq.refit_params) with its einsum temporary
+            solve["refit: second GPTQ result, its block"] = (
+                2 * rows * in_f * 4 + 2 * REFIT_ELEMENTS * 8)
     stages.append(Stage("solve", sum(solve.values()), host(sum(solve.values()), 2 * big * sb), solve))
     fwd = {**weights, **acts}
     if opt["sequential"]:
@@ -459,7 +465,7 @@ def options_of(config: Any) -> dict[str, Any]:
         "bits": config.bits, "group": config.group_size, "method": config.method,
         "nsamples": config.nsamples, "seqlen": config.seqlen, "dtype": config.dtype,
         "batch_size": config.batch_size, "gptq": config.gptq, "sequential": config.sequential,
-        "distill_steps": config.distill_steps,
+        "distill_steps": config.distill_steps, "gptq_refit": config.gptq_refit,
     }
 
 
