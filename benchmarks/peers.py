@@ -106,10 +106,14 @@ SETTING = re.compile(r"^w([2-8])g(\d+)$")
 
 NEUQI_METHODS: dict[str, list[str]] = {
     "neuqi": ["--method", "neuqi"],
-    "neuqi+gptq": ["--method", "neuqi", "--gptq"],
+    "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
+                   "--no-gptq-refit"],  # what the stored rows are: NeUQI's static recipe
+    "neuqi-lazy+gptq+refit": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
+                              "--gptq-refit"],  # neuqi+gptq's default after issue 34
     "neuqi-int": ["--method", "neuqi-int"],
     "minmax": ["--method", "minmax"],
-    "minmax+gptq": ["--method", "minmax", "--gptq"],
+    "minmax+gptq": ["--method", "minmax", "--gptq", "--gptq-params", "static",
+                    "--no-gptq-refit"],
 }
 # peer row -> the package that provides it (as benchmarks/peers_run.py's PACKAGES)
 PACKAGES = {"autoround": "auto-round", "gptq": "llmcompressor", "hqq": "hqq"}

@@ -57,7 +57,8 @@ METHODS: dict[str, list[str]] = {
     "minmax": ["--method", "minmax"],
     "neuqi-int": ["--method", "neuqi-int"],
     "neuqi": ["--method", "neuqi"],
-    "minmax+gptq": ["--method", "minmax", "--gptq"],  # Min-Max of the original weights
+    "minmax+gptq": ["--method", "minmax", "--gptq", "--gptq-params", "static",
+                    "--no-gptq-refit"],  # Min-Max of the original weights
     "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq", "--no-gptq-refit"],  # GPTQ's own
     "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
                    "--no-gptq-refit"],  # the NeUQI paper's recipe

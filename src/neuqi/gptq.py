@@ -54,8 +54,9 @@ LAZY_MINMAX = "minmax-lazy"  # method name of the original GPTQ's lazy per-group
 # When GPTQ solves a group's (s, z) (`neuqi quantize --gptq-params`): "lazy" when it reaches the
 # group's first column, from the compensated weights; "static" once, from the original weights.
 GPTQ_PARAMS = ("lazy", "static")
-GPTQ_PARAMS_DEFAULT = "static"
-GPTQ_REFIT_DEFAULT = False  # `neuqi quantize --gptq-refit` (see refine)
+# The defaults gave the lowest perplexity in most cells of issue 34's tables (README Quality).
+GPTQ_PARAMS_DEFAULT = "lazy"
+GPTQ_REFIT_DEFAULT = True  # `neuqi quantize --gptq-refit` (see refine)
 DAMP = 0.01  # fraction of the mean diagonal added to H's diagonal (GPTQ's percdamp)
 DAMP_GROWTH = 10.0  # factor on the damping after a failed Cholesky
 DAMP_TRIES = 8  # damping up to DAMP * 10**7 of the mean diagonal, then plain rounding
