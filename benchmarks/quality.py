@@ -26,7 +26,9 @@ Results accumulate in ``<results>/quality.json`` keyed by row, with the protocol
 evaluation options) they were made with: a rerun skips rows already measured under the same
 protocol (``--force`` redoes them), so rows can be added later (for example a new method) without
 redoing the others. Each run rewrites ``quality.md`` (the table) and ``quality.png`` (perplexity
-against bits, log scale) from every stored row of that protocol.
+against bits, log scale) of its ``--settings`` and ``--methods`` from the stored rows of that
+protocol (``--report NAME`` writes ``NAME.md`` and ``NAME.png`` instead, so one results file can
+give several tables).
 
 Settings: ``wBgG`` is B bits with groups of G input channels, ``wBc`` is B bits per channel
 (``--group-size -1``).
@@ -254,6 +256,9 @@ def main() -> None:
                         help="redo the rows of --settings x --methods already measured "
                              "(the fp row is kept)")
     parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
+    parser.add_argument("--report", default="quality",
+                        help="name of the table and plot written into --results (NAME.md, "
+                             "NAME.png): one results file can hold several tables")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite quality.md and quality.png from the stored rows")
     args = parser.parse_args()
@@ -283,14 +288,14 @@ def main() -> None:
 
     def finish() -> None:
         save_results(store_path, results)
-        (args.results / "quality.md").write_text(table(results, settings, methods))
-        plot(results, settings, methods, args.results / "quality.png")
+        (args.results / f"{args.report}.md").write_text(table(results, settings, methods))
+        plot(results, settings, methods, args.results / f"{args.report}.png")
 
     rows = results["rows"]
     if args.report_only:
         results["runs"].pop()
         finish()
-        print((args.results / "quality.md").read_text())
+        print((args.results / f"{args.report}.md").read_text())
         return
     if "fp" not in rows:  # --force redoes the rows of --settings x --methods, not this one
         rows["fp"] = evaluate(args.model, args, logs / "fp-eval.log")
@@ -344,7 +349,7 @@ def main() -> None:
                     shutil.rmtree(path, ignore_errors=True)
             finish()
     finish()
-    print((args.results / "quality.md").read_text())
+    print((args.results / f"{args.report}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -165,3 +165,15 @@ def test_bad_gptq_block_size_is_refused(tiny_llama: Path, tmp_path: Path):
     line = one_line_error(neuqi("quantize", str(tiny_llama), "--out", str(tmp_path / "o"),
                                 "--gptq-block-size", "0", *GPTQ))
     assert "--gptq-block-size 0" in line
+
+
+def test_manifest_round_trips_the_gptq_options_and_reads_old_stores_as_static():
+    for config in (QuantizeConfig(model="m", out="o"), QuantizeConfig(model="m", out="o", gptq=True),
+                   QuantizeConfig(model="m", out="o", gptq=True, gptq_params="static",
+                                  gptq_refit=False)):
+        assert QuantizeConfig.from_manifest(config.manifest("f", "c")) == config
+    old = QuantizeConfig(model="m", out="o", gptq=True).manifest("f", "c")
+    for key in ("gptq_params", "gptq_refit"):  # a store made before the options existed
+        old["options"].pop(key, None)
+    config = QuantizeConfig.from_manifest(old)
+    assert (config.gptq_params, config.gptq_refit) == ("static", False)

@@ -151,8 +151,10 @@ class QuantizeConfig:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> QuantizeConfig:
-        return cls(**{"solver_backend": "reference", "gptq_params": "static",
-                      "gptq_refit": False, **manifest["options"]})
+        options = manifest["options"]
+        # a GPTQ job that names neither was made with the static recipe, before the options
+        before = {"gptq_params": "static", "gptq_refit": False} if options.get("gptq") else {}
+        return cls(**{"solver_backend": "reference", **before, **options})
 
 
 def default_job_dir(out: str | Path) -> Path:
