@@ -142,7 +142,7 @@ def gptq_quantize(
     float32 on ``device`` (default: the weight's); results come back on that device. ``hessian``
     is not modified.
     """
-    out_features, in_features, g = check_weight(weight, bits, group_size, name)
+    out_features, in_features, g = check_weight(weight, bits, group_size, name, h_diag)
     if hessian.shape != (in_features, in_features):
         raise ValueError(
             f"{name}: hessian has shape {tuple(hessian.shape)}, need ({in_features}, {in_features})"
@@ -157,8 +157,6 @@ def gptq_quantize(
             raise ValueError(f"{name}: lazy={lazy!r}, need one of {', '.join(METHODS)}")
         scale = torch.ones(out_features, n_groups, device=device)
         zero_point = torch.zeros(out_features, n_groups, device=device)
-        if h_diag is not None and h_diag.shape != (in_features,):
-            raise ValueError(f"{name}: h_diag has shape {tuple(h_diag.shape)}, need ({in_features},)")
     elif scale is None or zero_point is None:
         raise ValueError(f"{name}: scale and zero_point are needed unless lazy is set")
     else:
