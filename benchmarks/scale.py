@@ -162,20 +162,32 @@ def main() -> None:
         measure_shape(args, key, layer_counts, nsamples)
 
 
+def hours(seconds: float | None) -> str:
+    return "-" if not seconds else f"{seconds / 3600:.1f} h" if seconds < 36000 else \
+        f"{seconds / 3600:.0f} h"
+
+
 def planned(probe: bool) -> None:
     print("\n## planned, full models (`neuqi plan --device cuda --max-memory 20GiB "
           f"{' '.join(ACCEPT)} [--gptq]`)\n")
     print("| model | job | peak device GiB | fits 20 GiB | smallest budget GiB (its largest "
-          "piece) | held at once | host GiB | job store GiB | output GiB | est. time here |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "piece) | held at once | host GiB | job store GiB | output GiB | RTX 4090 | H100 | "
+          "this CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    assumptions = {}
     for key in FULL_MODELS:
         layers, vocab = FULL_MODELS[key]
         full = WORKDIR / f"{key}-full-sparse"
         build(full, key, layers, vocab, sparse=True)
         for gptq in ("--no-gptq", "--gptq"):
-            p = plan(full, *ACCEPT, gptq, "--device", "cuda", "--max-memory", "20GiB",
-                     *([] if probe else ["--no-probe"]))
-            seconds = p["seconds"] or 0.0
+            job = [*ACCEPT, gptq, "--max-memory", "20GiB"]
+            p = plan(full, *job, "--device", "cuda", "--no-probe")
+            gpu_hours = []
+            for gpu in ("rtx4090", "h100"):
+                g = plan(full, *job, "--device", "cuda", "--gpu", gpu)
+                gpu_hours.append(hours(g["seconds"]))
+                assumptions[gpu] = g["probe"]
+            cpu = plan(full, *job, "--device", "cpu")["seconds"] if probe else None
             k = p["knobs"]
             held = (f"{k['windows']} win" + (f", MLP {k['mlp_chunk']} tok" if k["mlp_chunk"]
                                               else "")
@@ -185,9 +197,14 @@ def planned(probe: bool) -> None:
             print(f"| {key} | neuqi {gptq} | {gib(p['device_peak'])} | "
                   f"{'yes' if p['fits'] else 'NO'} | {gib(p['floor'])} ({p['floor_piece']}) | "
                   f"{held} | {gib(p['host_peak'])} | {gib(p['disk_peak'])} | "
-                  f"{gib(p['output_bytes'])} | "
-                  f"{f'{seconds / 3600:.0f} h' if seconds else '-'} |", flush=True)
-    print("\n(time: the plan's probe of this CPU; no GPU was lent, so it is a CPU figure)")
+                  f"{gib(p['output_bytes'])} | {gpu_hours[0]} | {gpu_hours[1]} | "
+                  f"{hours(cpu)} |", flush=True)
+    from neuqi.pipeline.plan import gpu_assumptions  # the CLI's line, torch-free
+
+    print("\nTime: the plan's GPU time model (no GPU was measured), one line each:")
+    for speed in assumptions.values():
+        print(f"- {gpu_assumptions(speed, 'float32')}")
+    print("- this CPU: the plan's probe of this machine (`--device cpu`, same budget)")
 
 
 def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],

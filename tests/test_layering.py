@@ -97,6 +97,7 @@ ALLOWED_UPWARD = {
     # pure computation: no pipeline, no stages, no command line
     "neuqi.solver": set(),
     "neuqi.solver_numba": set(),
+    "neuqi.solver_triton": set(),
     "neuqi.gptq": set(),
     "neuqi.packing": set(),
     "neuqi.architectures": set(),

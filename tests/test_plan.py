@@ -227,3 +227,53 @@ def test_plan_mirrors_the_refit_block():
     from neuqi.pipeline import plan
 
     assert plan.REFIT_ELEMENTS == gptq.REFIT_ELEMENTS
+
+
+def test_the_gpu_time_model(tmp_path: Path) -> None:
+    """`neuqi plan --device cuda --gpu NAME` estimates each stage's time from the stated GPU
+    model (no GPU needed) and prints its assumptions on one line; bf16 calibration takes less
+    time than float32 on an H100's tensor cores, GPTQ takes more time than none."""
+    from neuqi.synthetic import SHAPES
+
+    model = tmp_path / "llama70-2layers"
+    build_checkpoint(model, replace(SHAPES["llama-3.1-70b"], vocab=4096), 2, sparse=True)
+    job = ["--device", "cuda", "--max-memory", "20GiB", "--nsamples", "128", "--seqlen", "2048"]
+    seconds = {}
+    for gpu in ("rtx4090", "h100"):
+        for gptq in ("--no-gptq", "--gptq"):
+            p = _plan_json(model, *job, "--gpu", gpu, gptq)
+            assert p["probe"]["gpu"] == gpu
+            assert all(st["seconds"] > 0 for st in p["stages"]
+                       if st["name"] in ("hessian", "solve", "forward"))
+            seconds[gpu, gptq] = p["seconds"]
+    # bf16 calibration matmuls run on the tensor cores: faster than fp32 on an H100
+    bf16 = _plan_json(model, *job, "--gpu", "h100", "--dtype", "bfloat16")
+    fp32 = _plan_json(model, *job, "--gpu", "h100")
+    stage = {p["name"]: p["seconds"] for p in fp32["stages"]}
+    assert all(st["seconds"] < stage[st["name"]] for st in bf16["stages"]
+               if st["name"] in ("hessian", "forward"))
+    for gpu in ("rtx4090", "h100"):
+        assert seconds[gpu, "--gptq"] > seconds[gpu, "--no-gptq"]
+    r = neuqi("plan", str(model), *job, "--gpu", "rtx4090")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("time model for rtx4090"))
+    assert "TFLOP/s" in line and "M weights/s" in line and "assumed" in line
+    # the GPU model is for --device cuda; on the CPU the time is probed
+    one_line_exit_2(neuqi("plan", str(model), "--device", "cpu", "--gpu", "h100",
+                          "--no-probe"), "--gpu h100")
+
+
+def test_a_cuda_out_of_memory_is_one_line_naming_the_stage(tiny_model: Path) -> None:
+    """The message a CUDA out-of-memory error becomes (neuqi.pipeline.tasks.on_device): the
+    stage, the budget it ran under, and the smallest budget the job works in."""
+    from neuqi.checkpoint import Checkpoint
+    from neuqi.pipeline.tasks import out_of_memory
+
+    config = QuantizeConfig(model=str(tiny_model), out="-", max_memory=20 * GiB)
+    err = out_of_memory("solve/3/mlp.down_proj", Checkpoint.open(tiny_model), config,
+                        torch.device("cuda"))
+    text = str(err)
+    assert "\n" not in text
+    for word in ("CUDA out of memory in stage solve/3/mlp.down_proj", "--max-memory 20.00 GiB",
+                 "smallest budget", "same command"):
+        assert word in text, text

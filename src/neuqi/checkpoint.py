@@ -310,7 +310,13 @@ class Checkpoint:
             qc = getattr(self.config, "quantization_config", None) or {}
             block = (qc.get("weight_block_size") if isinstance(qc, dict) else None) or (128, 128)
             t = _dequantize_fp8(t, self.read(scale_name), tuple(block), dtype or torch.bfloat16)
-        t = t.to(device)
+        if torch.device(device).type == "cuda":
+            # through pinned (page-locked) host memory: a DMA copy at the bus's full rate, which
+            # the device queues without holding up the host (torch keeps the pinned block until
+            # the copy has run)
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t

@@ -50,7 +50,15 @@ class Device(str, Enum):
 class SolverBackend(str, Enum):
     auto = "auto"
     numba = "numba"
+    triton = "triton"
     reference = "reference"
+
+
+class GPU(str, Enum):  # neuqi.pipeline.plan.GPUS
+    rtx3090 = "rtx3090"
+    rtx4090 = "rtx4090"
+    a100 = "a100"
+    h100 = "h100"
 
 
 class DType(str, Enum):
@@ -149,9 +157,10 @@ def quantize(
         "--distill-norms/--no-distill-norms",
         help="With --distill-steps, also train the RMSNorm weights.")] = False,
     solver_backend: Annotated[SolverBackend, typer.Option(
-        help="Implementation of the NeUQI search: numba (compiled, CPU), reference (pure torch, "
-             "any device; the definition) or auto (numba for a CPU device when installed). The "
-             "same scales and zero-points up to ties; the job records the one used.")] = (
+        help="Implementation of the NeUQI search: numba (compiled, CPU), triton (GPU kernel, "
+             "CUDA), reference (pure torch, any device; the definition) or auto (numba on a CPU, "
+             "triton on CUDA, when installed). The same scales and zero-points up to ties; the "
+             "job records the one used.")] = (
         SolverBackend.auto),
     moe_calibration: Annotated[str, typer.Option(
         help="Mixture-of-experts models: each expert's Hessian from the tokens the router sends "
@@ -269,8 +278,11 @@ def plan(
     max_memory: Annotated[str | None, typer.Option(
         help="Memory budget, e.g. 20GiB (default: as quantize's, from this machine).")] = None,
     probe: Annotated[bool, typer.Option(
-        "--probe/--no-probe", help="Time this machine's solver and matmul (a few seconds) for "
-        "the time estimate.")] = True,
+        "--probe/--no-probe", help="Estimate the time: on the CPU by timing this machine's "
+        "solver and matmul (a few seconds), on CUDA from the GPU time model.")] = True,
+    gpu: Annotated[GPU | None, typer.Option(
+        help="With --device cuda: the GPU whose time model gives the time (default: the GPU "
+             "detected here; its assumptions are printed).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What quantizing MODEL needs: per stage peak device and host memory, job-store disk,
@@ -295,7 +307,7 @@ def plan(
         dev = "cuda"
     else:
         dev = str(resolve_device(device.value))
-    result = make_plan(config, dev, with_probe=probe)
+    result = make_plan(config, dev, with_probe=probe, gpu=gpu.value if gpu else None)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))
         return
@@ -321,6 +333,11 @@ def plan(
     console.print(f"smallest budget that works: {fmt(result.floor)} (largest unavoidable piece: "
                   f"{result.floor_piece})", highlight=False)
     console.print(result.summary(), soft_wrap=True, highlight=False, markup=False)
+    if result.probe and "gpu" in result.probe:
+        from neuqi.pipeline.plan import gpu_assumptions
+
+        console.print(gpu_assumptions(result.probe, config.dtype), soft_wrap=True,
+                      highlight=False, markup=False)
     if not result.fits:
         raise typer.Exit(1)
 
@@ -360,9 +377,15 @@ def status(
     table.add_column("stage")
     table.add_column("done", justify="right")
     table.add_column("total", justify="right")
+    peaks = info["device_peak_bytes"]  # measured on CUDA: to hold against `neuqi plan`
+    if peaks:
+        table.add_column("peak device", justify="right")
     for stage, counts in info["stages"].items():
-        table.add_row(stage, str(counts["done"]), str(counts["total"]))
-    table.add_row("all", str(info["done"]), str(info["total"]))
+        row = [stage, str(counts["done"]), str(counts["total"])]
+        if peaks:
+            row.append(f"{peaks[stage] / 2**30:.2f} GiB" if stage in peaks else "-")
+        table.add_row(*row)
+    table.add_row("all", str(info["done"]), str(info["total"]), *([""] if peaks else []))
     console.print(table)
     state = "complete" if info["complete"] else "incomplete"
     if info["lock"]:

@@ -17,6 +17,7 @@ the continuous ``z`` minimising ``E`` (:func:`best_zero_point`); the scale is th
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ FINE_HALF_WIDTH = 16
 CHUNK_ELEMENTS = 2**22
 # Weights per call of the numba kernel (its working set is a few float32 copies of them).
 NUMBA_CHUNK_ELEMENTS = 2**24
+# Weights per launch of the triton kernel: its inputs (weights, h, sorted weights and two prefix
+# sums) take about five float32 copies of them on the device, 320 MiB at this size.
+TRITON_CHUNK_ELEMENTS = 2**24
 # Tensors at least this large are solved with torch.compile when `compile` is left to auto.
 COMPILE_MIN_WEIGHTS = 2**18
 # Bisection steps of the relaxed step before its closed-form solve (bracket / 2**16).
@@ -131,8 +135,10 @@ def check_weight(
 
 # reference: this module's torch code, the definition (any device). numba: the same search
 # compiled for the CPU (neuqi.solver_numba; same scale/zero per group up to ties, see there).
-# auto: numba for a CPU device when numba imports, else the reference.
-BACKENDS: tuple[str, ...] = ("auto", "reference", "numba")
+# triton: the same search as a triton kernel for CUDA devices (neuqi.solver_triton; same
+# criterion), which also runs in triton's interpreter on CPU tensors (TRITON_INTERPRET=1).
+# auto: numba for a CPU device and triton for a CUDA one when they import, else the reference.
+BACKENDS: tuple[str, ...] = ("auto", "reference", "numba", "triton")
 _FALLBACK_SAID: list[str] = []
 
 
@@ -145,28 +151,62 @@ def numba_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
-    """The concrete backend (``reference`` or ``numba``) for ``backend`` on ``device``.
+def triton_available() -> bool:
+    """Whether the triton backend can be used here (triton imports)."""
+    try:
+        import neuqi.solver_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    ``auto`` takes numba for a CPU device (or no device) when numba imports; without numba it
-    falls back to the reference and says so once per process, on one line of stderr. Asking for
-    ``numba`` explicitly without numba is a UserError.
+
+def triton_interpreted() -> bool:
+    """Whether triton kernels run in triton's interpreter (``TRITON_INTERPRET=1``: on CPU
+    tensors, slowly; how the triton backend is tested without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _fall_back(missing: str, install: str) -> str:
+    if not _FALLBACK_SAID:
+        _FALLBACK_SAID.append(missing)
+        print(f"neuqi: {missing} is not installed, so the solver uses its slower reference "
+              f"backend (pip install {install} for the fast one)", file=sys.stderr, flush=True)
+    return "reference"
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """The concrete backend (``reference``, ``numba`` or ``triton``) for ``backend`` on
+    ``device``.
+
+    ``auto`` takes numba for a CPU device (or no device) when numba imports, and triton for a
+    CUDA device when triton imports; without them it falls back to the reference and says so
+    once per process, on one line of stderr. Asking for ``numba`` or ``triton`` explicitly
+    where it cannot run is a UserError (triton runs on a CPU device only in triton's
+    interpreter, ``TRITON_INTERPRET=1``).
     """
     if backend not in BACKENDS:
         raise UserError(f"--solver-backend {backend}: choose one of {', '.join(BACKENDS)}")
     if backend == "reference":
         return backend
-    cpu = device is None or torch.device(device).type == "cpu"
-    if backend == "numba" or cpu:
-        if numba_available():
-            return "numba"
-        if backend == "numba":
+    kind = torch.device(device).type if device is not None else "cpu"
+    if backend == "triton":
+        if not triton_available():
+            raise UserError("--solver-backend triton: triton is not installed; pip install "
+                            "triton, or use --solver-backend reference")
+        if kind != "cuda" and not triton_interpreted():
+            raise UserError(f"--solver-backend triton runs on CUDA devices, not on {kind}: use "
+                            "--device cuda, or --solver-backend numba on the CPU (or set "
+                            "TRITON_INTERPRET=1 to run the kernel in triton's slow interpreter)")
+        return backend
+    if backend == "numba":
+        if not numba_available():
             raise UserError("--solver-backend numba: numba is not installed; pip install numba, "
                             "or use --solver-backend reference")
-        if not _FALLBACK_SAID:
-            _FALLBACK_SAID.append(backend)
-            print("neuqi: numba is not installed, so the solver uses its slower reference backend "
-                  "(pip install numba for the fast one)", file=sys.stderr, flush=True)
+        return backend
+    if kind == "cpu":
+        return "numba" if numba_available() else _fall_back("numba", "numba")
+    if kind == "cuda":
+        return "triton" if triton_available() else _fall_back("triton", "triton")
     return "reference"
 
 
@@ -532,6 +572,26 @@ def _search_numba(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Ten
                               (COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH), integer=integer)
 
 
+def _search_triton(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Tensor, Tensor]:
+    """:func:`search_scale` by the triton kernel (:mod:`neuqi.solver_triton`) on ``w``'s device,
+    started from this module's own sort, prefix sums and Min-Max scale. Groups longer than the
+    kernel's ``MAX_GROUP`` (per-channel quantization of wide layers) take the reference's code on
+    the same device."""
+    from neuqi.solver_triton import MAX_GROUP, search_scale_triton
+
+    w = w.to(torch.float32).contiguous()
+    h = h.to(torch.float32).contiguous()
+    if w.shape[1] > MAX_GROUP:
+        s, z, _ = search_scale(w, h, levels, integer=integer)
+        return s, z
+    s_mm, _ = minmax_params(w, levels)
+    w_sorted, order = torch.sort(w, dim=1)
+    hs_prefix, hws_prefix = _prefix_sums(w_sorted, h.gather(1, order))
+    grid = (COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH, RELAXED_BISECTIONS, REFINE_ITERATIONS)
+    return search_scale_triton(w, h, w_sorted.contiguous(), hs_prefix.contiguous(),
+                               hws_prefix.contiguous(), s_mm.contiguous(), levels, grid, integer)
+
+
 def quantize_tensor(
     weight: Tensor,
     h_diag: Tensor | None = None,
@@ -556,7 +616,8 @@ def quantize_tensor(
     ``backend`` (:data:`BACKENDS`, see :func:`resolve_backend`) picks the implementation of the
     NeUQI search: ``reference`` is this module's torch code (``compile`` applies to it only),
     ``numba`` the compiled CPU kernel of :mod:`neuqi.solver_numba` (it computes on the CPU and
-    returns its results on ``device``). Min-Max is the same code for every backend.
+    returns its results on ``device``), ``triton`` the GPU kernel of :mod:`neuqi.solver_triton`
+    (on ``device``, a chunk of ``TRITON_CHUNK_ELEMENTS`` weights a launch). Min-Max is the same code for every backend.
     """
     if method not in METHODS:
         raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
@@ -581,7 +642,14 @@ def quantize_tensor(
     total = groups.shape[0]
     if method == "minmax":
         scale, zero = minmax_params(groups, levels)
-    elif resolve_backend(backend, device) == "numba":
+    elif (resolved := resolve_backend(backend, device)) == "triton":
+        scale = torch.empty(total, device=device)
+        zero = torch.empty_like(scale)
+        chunk = max(1, TRITON_CHUNK_ELEMENTS // g)
+        for lo in range(0, total, chunk):
+            scale[lo:lo + chunk], zero[lo:lo + chunk] = _search_triton(
+                groups[lo:lo + chunk], h_norm[lo:lo + chunk], levels, method == "neuqi-int")
+    elif resolved == "numba":
         scale = torch.empty(total, device=device)
         zero = torch.empty_like(scale)
         chunk = max(1, NUMBA_CHUNK_ELEMENTS // g)

@@ -39,7 +39,8 @@ def job_status(job: str | Path) -> dict[str, Any]:
     manifest = read_manifest(root, str(job), must_exist=True)
     assert manifest is not None
     options = manifest.get("options") or {}
-    records = list(read_records(root / "done"))
+    found = read_records(root / "done")
+    records = list(found)
     layers = {int(k.split("/")[1]) for k in records if k.count("/") >= 1}
     config = _model_config(str(options.get("model")))
     try:
@@ -60,9 +61,17 @@ def job_status(job: str | Path) -> dict[str, Any]:
            if options.get("distill_steps") else {}),
         "pack": (sum(k == "pack" for k in records), 1),
     }
+    # the peak device memory each stage's tasks measured on CUDA (neuqi.pipeline.tasks.mark)
+    peaks: dict[str, int] = {}
+    for key, rec in found.items():
+        peak = (rec.get("info") or {}).get("device_peak_bytes")
+        if peak is not None:
+            stage = key.split("/")[0]
+            peaks[stage] = max(peaks.get(stage, 0), int(peak))
     return {
         "job": str(root),
         "model": options.get("model"),
+        "device_peak_bytes": peaks,
         "out": options.get("out"),
         "options": options,
         "stages": {k: {"done": d, "total": t} for k, (d, t) in stages.items()},

@@ -44,6 +44,17 @@ HEADROOM = 0.9  # the default budget: this share of the free device (or availabl
 HEADROOM_BYTES = GiB  # ... and at least this much left free
 # Measured on a CPU (benchmarks/scale.py, docs in the README):
 PROCESS_BASE = GiB // 2  # host RSS of `neuqi quantize` before any tensor (imports, tokenizer)
+# ... and more where triton is installed (every CUDA build of torch brings it; the `test` and `gpu`
+# extras install it): torch 2.13 imports it at start, and its compiler library's pages raise the
+# peak RSS of a small CPU job by about 80 MiB (measured: 654 against 572 MB).
+TRITON_IMPORT = 96 * 2**20
+
+
+def process_base() -> int:
+    """:data:`PROCESS_BASE`, plus :data:`TRITON_IMPORT` when triton is installed here."""
+    from importlib.util import find_spec
+
+    return PROCESS_BASE + (TRITON_IMPORT if find_spec("triton") is not None else 0)
 # glibc's heap top the process keeps for reuse (neuqi.allocator's TOP_PAD): RSS that small
 # tensors (row blocks, chunks under 1 MiB) leave behind on the host
 ALLOCATOR_PAD = 256 * 2**20
@@ -316,7 +327,7 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             "MLP intermediate activations": ACT_MLP * chunk * m_width * f}
     hook = 2 * min(HOOK_ROWS_BYTES, tokens * m_width * 8)
     # host: the process, plus on cuda what passes through it (a tensor read, a batch)
-    base = PROCESS_BASE + ALLOCATOR_PAD
+    base = process_base() + ALLOCATOR_PAD
 
     def host(device: int, extra: int = 0) -> int:
         return base + (extra if cuda else device)
@@ -474,7 +485,7 @@ def choose(shape: ModelShape, opt: dict[str, Any], budget: int, cuda: bool
     """The knobs under which every stage fits ``budget`` holding the most (the layer passes and
     the solves are chosen apart: they never run at once), whether they fit, the smallest budget
     that works and its largest unavoidable piece."""
-    fixed = CUDA_CONTEXT if cuda else PROCESS_BASE + ALLOCATOR_PAD
+    fixed = CUDA_CONTEXT if cuda else process_base() + ALLOCATOR_PAD
     passes = ("embed", "hessian", "forward", "pack")
 
     def need(k: Knobs, names: tuple[str, ...]) -> int:
@@ -581,22 +592,94 @@ def _seconds(shape: ModelShape, opt: dict[str, Any], k: Knobs, speed: dict[str, 
         solve = weights / speed["solver_weights_per_s"]
     if opt["gptq"]:
         calls = {name: max(1, math.ceil(o / (k.gptq_rows or o))) for name, o, _ in shape.linears}
-        solve += weights / speed["gptq_weights_per_s"]
-        solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / flops  # Cholesky x3
+        if "gptq_flops" in speed:  # the GPU model: the column-block updates, a launch per column
+            solve += sum(2 * o * i * i / 2 / speed["gptq_flops"]
+                         + i * calls[nm] * speed["gptq_column_seconds"]
+                         for nm, o, i in shape.linears)
+            solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / speed["gptq_flops"]
+        else:
+            solve += weights / speed["gptq_weights_per_s"]
+            solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / flops  # Cholesky
+    # reading the layer's weights (the GPU model states a disk rate; the CPU probe has none)
+    read = shape.layer_params * shape.weight_bytes / speed.get("disk_bytes_per_s", math.inf)
+    hes += read
     per_layer = {"hessian": hes, "solve": solve, "forward": fwd}
     for st in stages:
         st.seconds = per_layer.get(st.name, 0.0)
     return shape.layers * (hes + solve) + (shape.layers - 1) * fwd
 
 
+# ---------------------------------------------------------------------------- GPU time model
+
+# The plan's time on a GPU is a stated model, not a probe of this machine (which may have no GPU):
+# dense peak rates from the vendors' data sheets at MATMUL_EFFICIENCY, the NeUQI search at the
+# triton kernel's rate, GPTQ as its column-block updates plus a launch cost per column, and the
+# checkpoint read at DISK_BYTES_PER_S. The solver and GPTQ rates are ASSUMED until
+# `benchmarks/gpu_check.py` has run on that GPU; its measured figures then replace them here (the
+# "source" of each entry says which).
+MATMUL_EFFICIENCY = 0.6  # of the dense peak, for the calibration passes' large matmuls
+DISK_BYTES_PER_S = 2e9  # an NVMe SSD reading the checkpoint's layer shards
+GPTQ_COLUMN_SECONDS = 1e-4  # kernel launches of one GPTQ column (a few small ops each)
+# name: (device name contains, fp32 dense FLOP/s, bf16 tensor-core dense FLOP/s with fp32
+# accumulation, NeUQI solver weights/s, source of the solver rate)
+GPUS: dict[str, tuple[str, float, float, float, str]] = {
+    "rtx3090": ("3090", 35.6e12, 71e12, 25e6, "assumed: H100's, scaled by fp32 rate"),
+    "rtx4090": ("4090", 82.6e12, 165.2e12, 60e6, "assumed: H100's, scaled by fp32 rate"),
+    "a100": ("A100", 19.5e12, 312e12, 15e6, "assumed: H100's, scaled by fp32 rate"),
+    "h100": ("H100", 67e12, 989e12, 50e6, "assumed: the 50 M weights/s the kernel is built to"),
+}
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def detect_gpu(device: str = "cuda") -> str | None:
+    """The :data:`GPUS` name of the CUDA device here, or None (no GPU, or one not listed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((key for key, (tag, *_) in GPUS.items() if tag.lower() in name.lower()), None)
+
+
+def gpu_speed(gpu: str, dtype: str) -> dict[str, float]:
+    """The speed entries of :func:`_seconds` for ``gpu`` (a :data:`GPUS` name) computing in
+    ``dtype``: the stated model, with what it assumed in ``assumptions``."""
+    if gpu not in GPUS:
+        raise UserError(f"--gpu {gpu}: choose one of {', '.join(GPUS)}")
+    _, fp32, bf16, solver, source = GPUS[gpu]
+    peak = fp32 if dtype == "float32" else bf16
+    return {"matmul_flops": MATMUL_EFFICIENCY * peak, "solver_weights_per_s": solver,
+            "gptq_flops": MATMUL_EFFICIENCY * fp32, "gptq_column_seconds": GPTQ_COLUMN_SECONDS,
+            "disk_bytes_per_s": DISK_BYTES_PER_S, "gpu": gpu, "solver_source": source}
+
+
+def gpu_assumptions(speed: dict[str, Any], dtype: str) -> str:
+    """One line: what the GPU time model of ``speed`` assumed."""
+    return (f"time model for {speed['gpu']}: calibration matmuls ({dtype}) at "
+            f"{speed['matmul_flops'] / 1e12:.0f} TFLOP/s ({MATMUL_EFFICIENCY:.0%} of dense peak), "
+            f"NeUQI search {speed['solver_weights_per_s'] / 1e6:.0f} M weights/s "
+            f"({speed['solver_source']}), GPTQ's updates at "
+            f"{speed['gptq_flops'] / 1e12:.0f} TFLOP/s fp32 + "
+            f"{speed['gptq_column_seconds'] * 1e6:.0f} us per column, checkpoint read at "
+            f"{speed['disk_bytes_per_s'] / 1e9:.0f} GB/s")
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
 def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
-              with_probe: bool = True, model: str | None = None) -> Plan:
+              with_probe: bool = True, model: str | None = None,
+              gpu: str | None = None) -> Plan:
     """The plan of ``config`` (a QuantizeConfig) on ``device`` under ``budget`` bytes (None:
     ``config.max_memory``, else the default headroom of that device); ``model``: the resolved
-    model folder (default ``config.model``)."""
+    model folder (default ``config.model``). On a CUDA device the time comes from the GPU time
+    model of ``gpu`` (a :data:`GPUS` name; default: the GPU detected here, else none and no
+    time), not from a probe."""
     config.validate()
     shape = read_shape(model or config.model)
     check_group_sizes(shape, config.group_size)
@@ -605,8 +688,18 @@ def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
     budget = budget or getattr(config, "max_memory", None) or default_budget(device)
     k, stages, fits, floor, piece = choose(shape, opt, budget, cuda)
     disk, disk_pieces, output = _disk(shape, opt)
-    speed = probe(device, config.method, config.dtype, config.group_size, config.gptq) \
-        if with_probe else None
+    speed: dict[str, Any] | None = None
+    if cuda and (gpu or with_probe):  # a named GPU's model is no probe: --no-probe keeps it
+        gpu = gpu or detect_gpu(device)
+        if gpu:
+            speed = gpu_speed(gpu, config.dtype)
+        elif _cuda_here():  # a GPU the model does not list: probe it
+            speed = probe(device, config.method, config.dtype, config.group_size, config.gptq)
+    elif gpu:
+        raise UserError(f"--gpu {gpu} is for --device cuda: the time on {device} is probed here")
+    else:
+        speed = probe(device, config.method, config.dtype, config.group_size, config.gptq) \
+            if with_probe else None
     seconds = _seconds(shape, opt, k, speed, stages) if speed else None
     return Plan(model=config.model, options=opt, device=device, budget=budget, knobs=k,
                 stages=stages, disk_peak=disk, disk_pieces=disk_pieces, output_bytes=output,

@@ -10,14 +10,18 @@ exactly what a local one does.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from neuqi.checkpoint import Checkpoint
+from neuqi.errors import UserError
 from neuqi.models import build_layer, build_rotary
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.store import JobStore
@@ -39,9 +43,79 @@ KILL_ONCE_ENV = "NEUQI_FAULT_KILL_ONCE_FILE"
 _records_written = 0
 
 
+# Peak device memory of the tasks run in this process, by the completion record they belong to
+# (a stage of a layer), for the tasks on a CUDA device: ``torch.cuda.max_memory_allocated``, reset
+# when each task starts. mark() puts it in the record's info as ``device_peak_bytes``, so that a
+# run can be held against its plan (`neuqi status`). Tasks run on dask workers keep theirs there.
+_PEAKS: dict[str, int] = {}
+_RUNNING: dict[str, torch.device] = {}
+
+
+def _record_of(fn_name: str, args: tuple[Any, ...]) -> str:
+    """The completion record a task's work belongs to (``args``: the task's own arguments)."""
+    stage = fn_name.removesuffix("_task")
+    if stage == "embed":
+        return "embed"
+    if stage == "solve":
+        return solve_key(args[3], args[4])
+    return f"{stage}/{args[3]}"
+
+
+def on_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run task ``fn`` (arguments ``store, ckpt, config, ...``, ``device`` last) measuring its
+    peak device memory on CUDA, and turn a CUDA out-of-memory error into a one-line UserError
+    that names the stage and the smallest budget the job works in (finished work is kept, so the
+    same command resumes)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> Any:
+        dev = torch.device(args[-1])
+        key = _record_of(fn.__name__, args)
+        if dev.type != "cuda":
+            return fn(*args)
+        torch.cuda.reset_peak_memory_stats(dev)
+        _RUNNING[key] = dev
+        try:
+            result = fn(*args)
+        except torch.OutOfMemoryError:
+            raise out_of_memory(key, args[1], args[2], dev) from None
+        finally:
+            _RUNNING.pop(key, None)
+        _PEAKS[key] = max(_PEAKS.get(key, 0), torch.cuda.max_memory_allocated(dev))
+        return result
+
+    return run
+
+
+def out_of_memory(key: str, ckpt: Checkpoint, config: QuantizeConfig,
+                  device: torch.device) -> UserError:
+    """The one-line error of a CUDA out-of-memory in the task of record ``key``."""
+    from neuqi.pipeline.plan import GiB, fmt, make_plan
+
+    torch.cuda.empty_cache()
+    budget = config.max_memory
+    try:
+        floor = make_plan(config, str(device), with_probe=False, model=str(ckpt.path)).floor
+        smallest = f"; the smallest budget this job works in is {fmt(floor)}"
+        lower = f" (down to --max-memory {math.ceil(floor / GiB * 10) / 10}GiB)"
+    except Exception:  # noqa: BLE001 - the message must not fail on the way out
+        smallest = lower = ""
+    planned = f"under a --max-memory {fmt(budget)} plan" if budget else "under the default budget"
+    return UserError(
+        f"CUDA out of memory in stage {key} on {device} {planned}{smallest}: free the GPU (other "
+        f"processes on it count) or give a lower --max-memory{lower}, and run the same command "
+        "again; finished work is kept")
+
+
 def mark(store: JobStore, key: str, arrays: list[str], info: dict[str, Any] | None = None) -> None:
-    """Write completion record ``key`` (after its ``arrays`` are durable)."""
+    """Write completion record ``key`` (after its ``arrays`` are durable), with the peak device
+    memory of its tasks in this process when they ran on CUDA."""
     global _records_written
+    peak = _PEAKS.pop(key, None)
+    if key in _RUNNING:
+        peak = max(peak or 0, torch.cuda.max_memory_allocated(_RUNNING[key]))
+    if peak is not None:
+        info = {**(info or {}), "device_peak_bytes": int(peak)}
     _records_written += 1
     after = os.environ.get(KILL_AFTER_ENV)
     kill = after is not None and _records_written >= int(after)
@@ -61,6 +135,7 @@ def _claim(path: str) -> bool:
     return True
 
 
+@on_device
 def embed_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, windows: torch.Tensor, device: str,
 ) -> None:
@@ -70,6 +145,7 @@ def embed_task(
         mark(store, "embed", arrays)
 
 
+@on_device
 def hessian_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
     starts: list[int], device: str,
@@ -94,6 +170,7 @@ def solve_key(layer_index: int, linear: str) -> str:
     return f"solve/{layer_index}/{linear}"
 
 
+@on_device
 def solve_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, linear: str,
     group: str, device: str,
@@ -132,6 +209,7 @@ def solve_task(
     return float(record["info"].get("output_error", record["info"]["loss"]))
 
 
+@on_device
 def forward_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int,
     starts: list[int], device: str,
@@ -172,6 +250,7 @@ def load_quantized_weights(
     load_distilled_norms(store, layer, distilled_norms(store, layer_index))
 
 
+@on_device
 def forward_fp_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, device: str,
 ) -> None:
@@ -186,6 +265,7 @@ def forward_fp_task(
         mark(store, key, arrays)
 
 
+@on_device
 def distill_task(
     store: JobStore, ckpt: Checkpoint, config: QuantizeConfig, layer_index: int, device: str,
 ) -> dict[str, Any]:
