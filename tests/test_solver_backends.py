@@ -374,3 +374,34 @@ def test_job_records_its_backend_and_refuses_another(tiny_llama: Path, tmp_path:
     for extra in ((), ("--solver-backend", "numba")):
         r = neuqi("quantize", str(tiny_llama), "--out", str(out), *tiny, *extra)
         assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not solver.triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("integer", [False, True])
+@pytest.mark.parametrize("arch", [89, 90])  # an RTX 4090, an H100
+def test_triton_kernel_compiles_for_a_gpu(integer, arch):
+    """The interpreter runs a kernel that the GPU compiler may still refuse (it did: a constexpr
+    reassigned in a loop). Triton's wheel carries the NVIDIA back end and ptxas, so the kernel is
+    compiled down to a cubin here, with no GPU, for the group size most jobs use (slow: a minute
+    or more a case)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import neuqi.solver_triton as st
+
+    block_m, cb = st.block_sizes(128)
+    constants = {"INTEGER": integer, "BLOCK_M": block_m, "LOG_M": block_m.bit_length() - 1,
+                 "CB": cb, "ITERATIONS": solver.RELAXED_BISECTIONS,
+                 "REFINE": solver.REFINE_ITERATIONS, "COARSE": solver.COARSE_STEPS,
+                 "FINE_DIVISOR": solver.FINE_DIVISOR, "FINE_HALF": solver.FINE_HALF_WIDTH}
+    signature = {**{name: "*fp32" for name in ("w_ptr", "h_ptr", "ws_ptr", "hsp_ptr", "hwsp_ptr",
+                                                "smm_ptr", "scale_ptr", "zero_ptr")},
+                 "m": "i32", "n1f": "fp32", "levels_f": "fp32",
+                 **{name: "constexpr" for name in constants}}
+    kernel = triton_compile(ASTSource(fn=st._search_kernel, signature=signature,
+                                      constexprs=constants),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": 4, "enable_fp_fusion": False})
+    assert kernel.asm["cubin"] and ".entry _search_kernel" in kernel.asm["ptx"]

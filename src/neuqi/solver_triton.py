@@ -32,8 +32,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Candidate scales x group elements per program step: a tile of about this many float32 values.
-TILE_ELEMENTS = 8192
+# Candidate scales x group elements per program step: a tile of about this many values. On a GPU
+# a program's tiles live in registers, about fifteen of them at once in the window step: 2048
+# elements over 4 warps are 16 a thread per tile, which stays clear of spilling to local memory
+# (not measured yet: benchmarks/gpu_check.py). Triton's interpreter runs each step as numpy
+# calls, so larger tiles (fewer steps) are faster there; the result is the same either way.
+TILE_ELEMENTS = 2048
+TILE_ELEMENTS_INTERPRETED = 8192
 # Longest group (padded to a power of two) the kernel takes; longer groups (per-channel
 # quantization of wide layers) are solved by the reference's torch code on the same device.
 MAX_GROUP = 4096
@@ -79,7 +84,7 @@ def _relaxed_z0(s, ws, w_min, w_max, hsp_ptr, hwsp_ptr, total_h, total_hw, n1f, 
     x_max = w_max / s
     lo = -0.5 - x_max
     hi = n1f + 0.5 - x_min
-    for _ in tl.static_range(ITERATIONS):
+    for _ in range(ITERATIONS):  # a loop, not unrolled: the kernel compiles in far less time
         mid = 0.5 * (lo + hi)
         a, b = _clip_sums(mid, s, ws, hsp_ptr, hwsp_ptr, total_h, total_hw, n1f)
         positive = a * mid + b > 0
@@ -101,6 +106,20 @@ def _pick(values, offs, index):
 
 
 @triton.jit
+def _compare_swap(x, CB: tl.constexpr, N: tl.constexpr, P: tl.constexpr, J: tl.constexpr):
+    """One step of the bitonic network on the rows of ``x [CB, N]``: elements ``J`` apart are
+    ordered, descending where bit ``P`` of the index is set (ascending at the last stage)."""
+    A: tl.constexpr = N // (2 * J)
+    y = tl.permute(tl.reshape(x, [CB, A, 2, J]), [0, 1, 3, 2])
+    left, right = tl.split(y)
+    lo = tl.minimum(left, right)
+    hi = tl.maximum(left, right)
+    desc = (((tl.arange(0, A) * (2 * J)) & (1 << P)) != 0)[None, :, None]
+    y = tl.join(tl.where(desc, hi, lo), tl.where(desc, lo, hi))
+    return tl.reshape(tl.permute(y, [0, 1, 3, 2]), [CB, N])
+
+
+@triton.jit
 def _bitonic_sort(x, CB: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
     """Each row of ``x [CB, N]`` sorted ascending (``N = 2**LOG_N``): a bitonic network whose
     compare-and-swap steps are reshapes, ``tl.split`` and ``tl.join``. (``tl.sort`` computes the
@@ -108,16 +127,7 @@ def _bitonic_sort(x, CB: tl.constexpr, N: tl.constexpr, LOG_N: tl.constexpr):
     some thousand times slower; this one is a few array operations a step there too.)"""
     for p in tl.static_range(1, LOG_N + 1):
         for q in tl.static_range(p):
-            j: tl.constexpr = 1 << (p - 1 - q)
-            a: tl.constexpr = N // (2 * j)
-            y = tl.permute(tl.reshape(x, [CB, a, 2, j]), [0, 1, 3, 2])
-            left, right = tl.split(y)
-            lo = tl.minimum(left, right)
-            hi = tl.maximum(left, right)
-            # descending where bit p of the element's index is set (ascending at the last step)
-            desc = (((tl.arange(0, a) * (2 * j)) & (1 << p)) != 0)[None, :, None]
-            y = tl.join(tl.where(desc, hi, lo), tl.where(desc, lo, hi))
-            x = tl.reshape(tl.permute(y, [0, 1, 3, 2]), [CB, N])
+            x = _compare_swap(x, CB, N, p, 1 << (p - 1 - q))
     return x
 
 
@@ -218,7 +228,7 @@ def _score(s, valid, w, h, ws, mask, offs, w_min, w_max, hsp_ptr, hwsp_ptr, tota
         loss_int = loss
     else:
         z = z0
-        for _ in tl.static_range(REFINE):
+        for _ in range(REFINE):
             q = tl.minimum(tl.maximum(_rint(x + z[:, None]), 0.0), n1f)
             z = tl.minimum(tl.maximum(tl.sum(hh * (q - x), axis=1), z0 - 1), z0 + 1)
         loss = s2 * _error(x, hh, z, n1f)
@@ -257,12 +267,13 @@ def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, 
     cand = tl.arange(0, CB)
 
     # coarse grid: s_mm * i / COARSE, i = 1..COARSE
-    best_loss = float("inf")
+    inf = s_mm * 0.0 + float("inf")  # a float32 scalar: the loops below carry these
+    best_loss = inf
     best_s = s_mm
-    best_z = 0.0
-    int_loss = float("inf")
+    best_z = s_mm * 0.0
+    int_loss = inf
     int_s = s_mm
-    for lo in tl.static_range(0, COARSE, CB):
+    for lo in range(0, COARSE, CB):
         i = lo + cand + 1
         s = s_mm * (i.to(tl.float32) / COARSE)
         valid = i <= COARSE
@@ -284,12 +295,12 @@ def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, 
 
     # fine grid: s_best + s_mm * j / FINE_DIVISOR, j = ±1..±FINE_HALF; for NeUQI a second grid
     # around NeUQI-int's best coarse scale (skipped where it is the same scale)
-    width = 2 * FINE_HALF
-    n_fine = width if INTEGER else 2 * width
-    fine_loss = float("inf")
+    width: tl.constexpr = 2 * FINE_HALF
+    n_fine: tl.constexpr = width * (1 if INTEGER else 2)
+    fine_loss = inf
     fine_s = s_mm
-    fine_z = 0.0
-    for lo in tl.static_range(0, n_fine, CB):
+    fine_z = s_mm * 0.0
+    for lo in range(0, n_fine, CB):
         k = lo + cand
         jj = k % width
         j = tl.where(jj < FINE_HALF, jj - FINE_HALF, jj - FINE_HALF + 1)
@@ -312,10 +323,11 @@ def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, 
     tl.store(zero_ptr + g, tl.where(better, fine_z, best_z))
 
 
-def block_sizes(m: int) -> tuple[int, int]:
+def block_sizes(m: int, interpreted: bool = False) -> tuple[int, int]:
     """(padded group length, candidates per program step) for groups of ``m`` weights."""
     block_m = triton.next_power_of_2(m)
-    return block_m, max(1, min(64, TILE_ELEMENTS // block_m))
+    tile = TILE_ELEMENTS_INTERPRETED if interpreted else TILE_ELEMENTS
+    return block_m, max(1, min(64, tile // block_m))
 
 
 def search_scale_triton(w, h, w_sorted, hs_prefix, hws_prefix, s_mm, levels, grid, integer):
@@ -326,7 +338,7 @@ def search_scale_triton(w, h, w_sorted, hs_prefix, hws_prefix, s_mm, levels, gri
 
     coarse, fine_divisor, fine_half, iterations, refine = grid
     groups, m = w.shape
-    block_m, cb = block_sizes(m)
+    block_m, cb = block_sizes(m, interpreted=w.device.type == "cpu")
     scale = torch.empty(groups, device=w.device, dtype=torch.float32)
     zero = torch.empty_like(scale)
     if groups == 0:
@@ -335,6 +347,6 @@ def search_scale_triton(w, h, w_sorted, hs_prefix, hws_prefix, s_mm, levels, gri
         w, h, w_sorted, hs_prefix, hws_prefix, s_mm, scale, zero, m, float(levels - 1),
         float(levels), INTEGER=bool(integer), BLOCK_M=block_m, LOG_M=block_m.bit_length() - 1, CB=cb, ITERATIONS=iterations,
         REFINE=refine, COARSE=coarse, FINE_DIVISOR=fine_divisor, FINE_HALF=fine_half,
-        num_warps=4 if block_m * cb <= 4096 else 8, enable_fp_fusion=False,
+        num_warps=4, enable_fp_fusion=False,
     )
     return scale, zero
