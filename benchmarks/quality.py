@@ -112,11 +112,16 @@ def run(cmd: list[str], log: Path) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def evaluate(model: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+def evaluate(model: str, args: argparse.Namespace, log: Path,
+             reference: str | None = None) -> dict[str, Any]:
+    """``neuqi eval`` of ``model``; with ``reference`` (``--kld``) also the KL divergence to it
+    and the top-token agreement, on the same windows."""
     cmd = [*NEUQI, "eval", model, "--data", str(args.data), "--seqlen", str(args.eval_seqlen),
            "--device", args.device, "--json"]
     if args.max_windows:
         cmd += ["--max-windows", str(args.max_windows)]
+    if reference is not None:
+        cmd += ["--reference", reference]
     stdout, seconds = run(cmd, log)
     result = json.loads(stdout.strip().splitlines()[-1])
     result["eval_seconds"] = round(seconds, 1)
@@ -176,8 +181,10 @@ def table(results: dict[str, Any], settings: list[str], methods: list[str]) -> s
         cells = []
         for s in settings:
             row = rows.get(f"{s}/{method}")
+            kld = f", KLD {row['kld']:.4f}" if row and "kld" in row else ""
             cells.append(
-                f"{row['perplexity']:.3f} ({minutes(row['quantize_seconds'])})" if row else "-"
+                f"{row['perplexity']:.3f} ({minutes(row['quantize_seconds'])}{kld})" if row
+                else "-"
             )
         if any(c != "-" for c in cells):
             lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
@@ -189,7 +196,10 @@ def table(results: dict[str, Any], settings: list[str], methods: list[str]) -> s
         + (f", {tokens} scored tokens" if tokens else "") + "), lower is better; in brackets the "
         f"wall time of `neuqi quantize`. Calibration: {proto['nsamples']} windows of "
         f"{proto['seqlen']} tokens of {proto['calib']} (seed {proto['seed']}), identical for "
-        "every row.",
+        "every row."
+        + (" KLD: the mean KL divergence of the next-token distributions to the full-precision "
+           "model on the same tokens (`neuqi eval --reference`; rows measured with `--kld`)."
+           if any("kld" in r for r in rows.values()) else ""),
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -259,6 +269,10 @@ def main() -> None:
     parser.add_argument("--report", default="quality",
                         help="name of the table and plot written into --results (NAME.md, "
                              "NAME.png): one results file can hold several tables")
+    parser.add_argument("--kld", action="store_true",
+                        help="score the rows measured now with `neuqi eval --reference MODEL` "
+                             "too: the KL divergence to the full-precision model and the "
+                             "top-token agreement (about twice the evaluation time)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite quality.md and quality.png from the stored rows")
     args = parser.parse_args()
@@ -337,7 +351,8 @@ def main() -> None:
                 for path in (out, out.with_name(out.name + ".job")):
                     shutil.rmtree(path, ignore_errors=True)
                 out = trained
-            row = evaluate(str(out), args, logs / f"{name}-eval.log")
+            row = evaluate(str(out), args, logs / f"{name}-eval.log",
+                           reference=args.model if args.kld else None)
             row["quantize_seconds"] = round(seconds, 1)
             row["commit"] = COMMIT
             row["versions"] = VERSIONS

@@ -385,23 +385,33 @@ def test_triton_kernel_compiles_for_a_gpu(integer, arch):
     reassigned in a loop). Triton's wheel carries the NVIDIA back end and ptxas, so the kernel is
     compiled down to a cubin here, with no GPU, for the group size most jobs use (slow: a minute
     or more a case)."""
-    from triton import compile as triton_compile
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    r = subprocess.run([sys.executable, "-c", COMPILE, str(int(integer)), str(arch)],
+                       capture_output=True, text=True, check=False, timeout=1800,
+                       env={**os.environ, "TRITON_INTERPRET": "0"})  # this module set it to 1
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["cubin", "True"], r.stdout
 
-    import neuqi.solver_triton as st
 
-    block_m, cb = st.block_sizes(128)
-    constants = {"INTEGER": integer, "BLOCK_M": block_m, "LOG_M": block_m.bit_length() - 1,
-                 "CB": cb, "ITERATIONS": solver.RELAXED_BISECTIONS,
-                 "REFINE": solver.REFINE_ITERATIONS, "COARSE": solver.COARSE_STEPS,
-                 "FINE_DIVISOR": solver.FINE_DIVISOR, "FINE_HALF": solver.FINE_HALF_WIDTH}
-    signature = {**{name: "*fp32" for name in ("w_ptr", "h_ptr", "ws_ptr", "hsp_ptr", "hwsp_ptr",
-                                                "smm_ptr", "scale_ptr", "zero_ptr")},
-                 "m": "i32", "n1f": "fp32", "levels_f": "fp32",
-                 **{name: "constexpr" for name in constants}}
-    kernel = triton_compile(ASTSource(fn=st._search_kernel, signature=signature,
-                                      constexprs=constants),
-                            target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": 4, "enable_fp_fusion": False})
-    assert kernel.asm["cubin"] and ".entry _search_kernel" in kernel.asm["ptx"]
+COMPILE = """
+import sys
+from triton import compile as triton_compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from neuqi import solver
+import neuqi.solver_triton as st
+
+integer, arch = bool(int(sys.argv[1])), int(sys.argv[2])
+block_m, cb = st.block_sizes(128)
+constants = {"INTEGER": integer, "BLOCK_M": block_m, "LOG_M": block_m.bit_length() - 1,
+             "CB": cb, "ITERATIONS": solver.RELAXED_BISECTIONS,
+             "REFINE": solver.REFINE_ITERATIONS, "COARSE": solver.COARSE_STEPS,
+             "FINE_DIVISOR": solver.FINE_DIVISOR, "FINE_HALF": solver.FINE_HALF_WIDTH}
+pointers = ("w_ptr", "h_ptr", "ws_ptr", "hsp_ptr", "hwsp_ptr", "smm_ptr", "scale_ptr", "zero_ptr")
+signature = {**{name: "*fp32" for name in pointers}, "m": "i32", "n1f": "fp32",
+             "levels_f": "fp32", **{name: "constexpr" for name in constants}}
+kernel = triton_compile(ASTSource(fn=st._search_kernel, signature=signature,
+                                  constexprs=constants),
+                        target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": 4, "enable_fp_fusion": False})
+print("cubin" if kernel.asm["cubin"] else "none", ".entry _search_kernel" in kernel.asm["ptx"])
+"""

@@ -41,8 +41,10 @@ FINE_HALF_WIDTH = 16
 CHUNK_ELEMENTS = 2**22
 # Weights per call of the numba kernel (its working set is a few float32 copies of them).
 NUMBA_CHUNK_ELEMENTS = 2**24
-# Weights per launch of the triton kernel: its inputs (weights, h, sorted weights and two prefix
-# sums) take about five float32 copies of them on the device, 320 MiB at this size.
+# Weights per launch of the triton kernel: its inputs and torch's preparation of them (h, the
+# sorted weights and their int64 order, h in that order, two prefix sums) take about 28 bytes a
+# weight on the device, 450 MiB at this size: inside the plan's SOLVER_WORKSET (0.8 GiB), the
+# memory `neuqi plan` and --max-memory give the search.
 TRITON_CHUNK_ELEMENTS = 2**24
 # Tensors at least this large are solved with torch.compile when `compile` is left to auto.
 COMPILE_MIN_WEIGHTS = 2**18
