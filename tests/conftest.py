@@ -7,11 +7,20 @@ The model folders are session-scoped and shared: treat them as read-only and cop
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# No GPU here: the triton kernel's tests run it in triton's interpreter. This must be set before
+# torch is imported: torch imports triton at start, and triton makes each of its own functions
+# (tl.sum, ...) interpreted or compiled when it defines them; set later, a worker that had run
+# other tests first failed every kernel test ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"). The slow test that compiles the kernel for a GPU sets it to 0 in its own process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import torch
 
 TINY_VOCAB = 512
