@@ -145,3 +145,18 @@ def test_a_missing_model_is_named_as_the_usage_names_it(tmp_path: Path):
     wikitext = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
     r = neuqi("eval", str(tmp_path / "nothing"), "--data", str(wikitext))
     assert r.returncode == 2 and r.stderr.startswith(f"error: MODEL_OR_OUTPUT {tmp_path}")
+
+
+def test_version_and_every_help_ends_with_an_example() -> None:
+    from importlib.metadata import version
+
+    exe = str(Path(sys.executable).with_name("neuqi"))
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"neuqi {version('neuqi')}"
+    for command in ("quantize", "plan", "resume", "status", "eval", "export", "distill"):
+        r = subprocess.run([exe, command, "--help"], capture_output=True, text=True,
+                           check=False, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert r.returncode == 0, r.stderr
+        lines = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+        assert lines[-1].startswith(f"Example: neuqi {command} "), (command, lines[-1])

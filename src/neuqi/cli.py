@@ -17,6 +17,20 @@ from rich.table import Table
 from neuqi.allocator import tune_allocator
 from neuqi.errors import UserError
 
+
+def example(command: str) -> str:
+    """A command's --help ends with an example of it (typer prints the epilog last)."""
+    return f"Example: {command}"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"neuqi {version('neuqi')}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     name="neuqi",
     help="Quantize LLMs to 2/3/4 bits with NeUQI, one decoder layer at a time, resumably.",
@@ -24,6 +38,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Quantize LLMs to 2/3/4 bits with NeUQI, one decoder layer at a time, resumably."""
+
+
 # soft_wrap: a message is one line however narrow the terminal, and in a log file (where rich
 # would otherwise wrap at 80 columns, mid-word)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -99,7 +121,7 @@ def _log(as_json: bool) -> Any:
     return Log(err, "json" if as_json else "auto")
 
 
-@app.command()
+@app.command(epilog=example('neuqi quantize smollm2 --out out/smollm2-w4g64 --bits 4 --group-size 64 --nsamples 16 --seqlen 512'))
 def quantize(
     model: Annotated[str, typer.Argument(
         help="Model folder (config.json + safetensors), a hub id, or a built-in real "
@@ -257,7 +279,7 @@ def _size(text: str | None) -> int | None:
     return None if text is None else parse_size(text)
 
 
-@app.command()
+@app.command(epilog=example('neuqi plan MODEL --device cuda --gpu rtx4090 --max-memory 20GiB --gptq'))
 def plan(
     model: Annotated[str, typer.Argument(
         help="Model folder (config.json + safetensors) or a hub id (its config and headers are "
@@ -342,7 +364,7 @@ def plan(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog=example('neuqi resume out/smollm2-w4g64.job'))
 def resume(
     job: Annotated[Path, typer.Argument(help="Job store folder of a stopped job.")],
     device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
@@ -359,7 +381,7 @@ def resume(
     typer.echo(str(run(job, device.value, _log(log_json), scheduler, keep_job)))
 
 
-@app.command()
+@app.command(epilog=example('neuqi status out/smollm2-w4g64.job'))
 def status(
     job: Annotated[Path, typer.Argument(help="Job store folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -393,7 +415,7 @@ def status(
     console.print(f"model {info['model']} -> {info['out']}: {state}", markup=False)
 
 
-@app.command(name="eval")
+@app.command(name="eval", epilog=example('neuqi eval out/smollm2-w4g64 --data data/wikitext2-test.raw --max-windows 8 --reference smollm2'))
 def eval_(
     model: Annotated[str, typer.Argument(
         help="A quantized neuqi output folder, or a full-precision model: folder, hub id, or "
@@ -435,7 +457,7 @@ def _export(output: Path, fmt: ExportFormat, out: Path, model: str | None, devic
     typer.echo(report.out)
 
 
-@app.command()
+@app.command(epilog=example('neuqi export out/smollm2-w4g64 --format gguf --out out/smollm2-w4g64.gguf'))
 def export(
     output: Annotated[Path, typer.Argument(help="A quantized neuqi output folder.")],
     format: Annotated[ExportFormat, typer.Option(
@@ -451,7 +473,7 @@ def export(
     _export(output, format, out, model, device.value)
 
 
-@app.command()
+@app.command(epilog=example('neuqi distill out/smollm2-w4g64 --teacher smollm2 --steps 16 --nsamples 16 --seqlen 512'))
 def distill(
     output: Annotated[Path, typer.Argument(help="A quantized neuqi output folder.")],
     teacher: Annotated[str, typer.Option(
