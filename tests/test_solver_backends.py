@@ -300,13 +300,19 @@ except Exception as e:
 """
 
 
-def test_missing_numba_falls_back_once_on_one_line():
-    r = subprocess.run([sys.executable, "-c", NO_NUMBA], capture_output=True, text=True,
+def fallback_lines(script: str, package: str) -> list[str]:
+    """Run ``script`` (with ``package`` made unimportable) in a fresh process; check that it
+    said the fallback once, on one line of stderr; return its stdout lines."""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        check=False, timeout=300, env={**os.environ})
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "numba" in lines[0] and "reference" in lines[0], r.stderr
-    out = r.stdout.splitlines()
+    assert len(lines) == 1 and package in lines[0] and "reference" in lines[0], r.stderr
+    return r.stdout.splitlines()
+
+
+def test_missing_numba_falls_back_once_on_one_line():
+    out = fallback_lines(NO_NUMBA, "numba")
     assert out[0] == "True"
     assert out[1].startswith("UserError --solver-backend numba") and "pip install numba" in out[1]
 
@@ -324,12 +330,7 @@ except Exception as e:
 
 
 def test_missing_triton_falls_back_once_on_one_line():
-    r = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True,
-                       check=False, timeout=300, env={**os.environ})
-    assert r.returncode == 0, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "triton" in lines[0] and "reference" in lines[0], r.stderr
-    out = r.stdout.splitlines()
+    out = fallback_lines(NO_TRITON, "triton")
     assert out[0] == "reference reference"
     assert out[1].startswith("UserError --solver-backend triton") and "pip install triton" in out[1]
 

@@ -17,6 +17,7 @@ the continuous ``z`` minimising ``E`` (:func:`best_zero_point`); the scale is th
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -144,22 +145,23 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "numba", "triton")
 _FALLBACK_SAID: list[str] = []
 
 
-def numba_available() -> bool:
-    """Whether the numba backend can be used here (numba imports)."""
+def _kernel_imports(module: str) -> bool:
+    """Whether the backend module ``module`` imports (its compiler package is installed)."""
     try:
-        import neuqi.solver_numba  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def numba_available() -> bool:
+    """Whether the numba backend can be used here (numba imports)."""
+    return _kernel_imports("neuqi.solver_numba")
 
 
 def triton_available() -> bool:
     """Whether the triton backend can be used here (triton imports)."""
-    try:
-        import neuqi.solver_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _kernel_imports("neuqi.solver_triton")
 
 
 def triton_interpreted() -> bool:
@@ -168,11 +170,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _fall_back(missing: str, install: str) -> str:
+def _fall_back(missing: str) -> str:
+    """The reference, said once per process on one line of stderr: package ``missing`` (the
+    fast backend's, installed under the same name) is not installed."""
     if not _FALLBACK_SAID:
         _FALLBACK_SAID.append(missing)
         print(f"neuqi: {missing} is not installed, so the solver uses its slower reference "
-              f"backend (pip install {install} for the fast one)", file=sys.stderr, flush=True)
+              f"backend (pip install {missing} for the fast one)", file=sys.stderr, flush=True)
     return "reference"
 
 
@@ -206,9 +210,9 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
                             "or use --solver-backend reference")
         return backend
     if kind == "cpu":
-        return "numba" if numba_available() else _fall_back("numba", "numba")
+        return "numba" if numba_available() else _fall_back("numba")
     if kind == "cuda":
-        return "triton" if triton_available() else _fall_back("triton", "triton")
+        return "triton" if triton_available() else _fall_back("triton")
     return "reference"
 
 

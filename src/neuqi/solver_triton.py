@@ -245,6 +245,19 @@ def _score(s, valid, w, h, ws, mask, offs, w_min, w_max, hsp_ptr, hwsp_ptr, tota
 
 
 @triton.jit
+def _keep_best(loss, s, z, cand, best_loss, best_s, best_z):
+    """The running best (loss, scale, zero-point) after a block of candidates: its first
+    smallest loss replaces the best only when strictly lower, so that, over the blocks in order,
+    the first minimum wins as the reference's ``argmin`` picks it."""
+    k = tl.argmin(loss, 0)
+    k_loss = tl.min(loss, 0)
+    take = k_loss < best_loss
+    return (tl.where(take, k_loss, best_loss),
+            tl.where(take, tl.sum(tl.where(cand == k, s, 0.0)), best_s),
+            tl.where(take, tl.sum(tl.where(cand == k, z, 0.0)), best_z))
+
+
+@triton.jit
 def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, zero_ptr, m,
                    n1f, levels_f, INTEGER: tl.constexpr, BLOCK_M: tl.constexpr,
                    LOG_M: tl.constexpr,
@@ -280,18 +293,9 @@ def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, 
         loss, z, loss_int = _score(s, valid, w, h, ws, mask, offs, w_min, w_max, hsp_ptr,
                                    hwsp_ptr, total_h, total_hw, n1f, levels_f, INTEGER,
                                    not INTEGER, ITERATIONS, REFINE, CB, BLOCK_M, LOG_M)
-        k = tl.argmin(loss, 0)
-        k_loss = tl.min(loss, 0)
-        take = k_loss < best_loss
-        best_s = tl.where(take, tl.sum(tl.where(cand == k, s, 0.0)), best_s)
-        best_z = tl.where(take, tl.sum(tl.where(cand == k, z, 0.0)), best_z)
-        best_loss = tl.where(take, k_loss, best_loss)
+        best_loss, best_s, best_z = _keep_best(loss, s, z, cand, best_loss, best_s, best_z)
         if not INTEGER:
-            k = tl.argmin(loss_int, 0)
-            k_loss = tl.min(loss_int, 0)
-            take = k_loss < int_loss
-            int_s = tl.where(take, tl.sum(tl.where(cand == k, s, 0.0)), int_s)
-            int_loss = tl.where(take, k_loss, int_loss)
+            int_loss, int_s, _ = _keep_best(loss_int, s, s, cand, int_loss, int_s, int_s)
 
     # fine grid: s_best + s_mm * j / FINE_DIVISOR, j = ±1..±FINE_HALF; for NeUQI a second grid
     # around NeUQI-int's best coarse scale (skipped where it is the same scale)
@@ -311,12 +315,7 @@ def _search_kernel(w_ptr, h_ptr, ws_ptr, hsp_ptr, hwsp_ptr, smm_ptr, scale_ptr, 
         loss, z, _ = _score(s, valid, w, h, ws, mask, offs, w_min, w_max, hsp_ptr, hwsp_ptr,
                             total_h, total_hw, n1f, levels_f, INTEGER, False, ITERATIONS,
                             REFINE, CB, BLOCK_M, LOG_M)
-        kk = tl.argmin(loss, 0)
-        k_loss = tl.min(loss, 0)
-        take = k_loss < fine_loss
-        fine_s = tl.where(take, tl.sum(tl.where(cand == kk, s, 0.0)), fine_s)
-        fine_z = tl.where(take, tl.sum(tl.where(cand == kk, z, 0.0)), fine_z)
-        fine_loss = tl.where(take, k_loss, fine_loss)
+        fine_loss, fine_s, fine_z = _keep_best(loss, s, z, cand, fine_loss, fine_s, fine_z)
 
     better = fine_loss < best_loss
     tl.store(scale_ptr + g, tl.where(better, fine_s, best_s))

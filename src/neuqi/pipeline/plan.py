@@ -593,13 +593,14 @@ def _seconds(shape: ModelShape, opt: dict[str, Any], k: Knobs, speed: dict[str, 
     if opt["gptq"]:
         calls = {name: max(1, math.ceil(o / (k.gptq_rows or o))) for name, o, _ in shape.linears}
         if "gptq_flops" in speed:  # the GPU model: the column-block updates, a launch per column
-            solve += sum(2 * o * i * i / 2 / speed["gptq_flops"]
+            solve += sum(o * i * i / speed["gptq_flops"]
                          + i * calls[nm] * speed["gptq_column_seconds"]
                          for nm, o, i in shape.linears)
-            solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / speed["gptq_flops"]
         else:
             solve += weights / speed["gptq_weights_per_s"]
-            solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / flops  # Cholesky
+        # the Cholesky factorisations, one per call (fp32 on the GPU model's rate)
+        solve += sum(calls[nm] * (i**3) for nm, _, i in shape.linears) / speed.get(
+            "gptq_flops", flops)
     # reading the layer's weights (the GPU model states a disk rate; the CPU probe has none)
     read = shape.layer_params * shape.weight_bytes / speed.get("disk_bytes_per_s", math.inf)
     hes += read
@@ -630,7 +631,8 @@ GPUS: dict[str, tuple[str, float, float, float, str]] = {
 }
 
 
-def _cuda_here() -> bool:
+def _torch_cuda() -> bool:
+    """Whether torch sees a CUDA device here (torch imported only when asked)."""
     import torch
 
     return torch.cuda.is_available()
@@ -640,7 +642,7 @@ def detect_gpu(device: str = "cuda") -> str | None:
     """The :data:`GPUS` name of the CUDA device here, or None (no GPU, or one not listed)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not _torch_cuda():
         return None
     name = torch.cuda.get_device_name(torch.device(device))
     return next((key for key, (tag, *_) in GPUS.items() if tag.lower() in name.lower()), None)
@@ -693,7 +695,7 @@ def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
         gpu = gpu or detect_gpu(device)
         if gpu:
             speed = gpu_speed(gpu, config.dtype)
-        elif _cuda_here():  # a GPU the model does not list: probe it
+        elif _torch_cuda():  # a GPU the model does not list: probe it
             speed = probe(device, config.method, config.dtype, config.group_size, config.gptq)
     elif gpu:
         raise UserError(f"--gpu {gpu} is for --device cuda: the time on {device} is probed here")
