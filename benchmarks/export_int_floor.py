@@ -8,9 +8,9 @@ the job's own weights and Hessian diagonal, the weighted loss ``sum h (w - ŵ)²
 - ``neuqi``: the parameters the job stored (NeUQI, float zero-points), what the native output has;
 - ``neuqi-int``: re-solved with integer zero-points and the scale cast to the model's dtype, what
   ``neuqi export --format compressed-tensors`` now writes
-  (:func:`neuqi.export.compressed_tensors.resolve_integer`);
+  (:func:`neuqi.formats.export.compressed_tensors.resolve_integer`);
 - ``rounded``: the zero-points rounded and the codes re-rounded
-  (:func:`neuqi.export.compressed_tensors.integer_params`), what it wrote before.
+  (:func:`neuqi.formats.export.compressed_tensors.integer_params`), what it wrote before.
 
 Prints one row per linear and the totals with the loss each adds over ``neuqi``.
 """
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from neuqi.checkpoint import Checkpoint, resolve_model
-from neuqi.export.common import NativeLinear, weighted_loss
-from neuqi.export.compressed_tensors import integer_params, resolve_integer
+from neuqi.formats.export.common import NativeLinear, weighted_loss
+from neuqi.formats.export.compressed_tensors import integer_params, resolve_integer
+from neuqi.model.checkpoint import Checkpoint, resolve_model
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import dequantize
+from neuqi.quant.solver import dequantize
 from neuqi.stages.common import h_name, quant_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

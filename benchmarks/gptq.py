@@ -11,7 +11,7 @@ solved twice through the real stages: plainly (``stages.solve.run_solve``: the c
 rounding to nearest) and with GPTQ (``stages.gptq.run_gptq_solve``: the same (s, z), then error
 compensation with act-order, block 128, 1% damping; ``minmax-lazy`` is the original GPTQ, which
 has no plain row); ``M-lazy`` solves method M's parameters inside GPTQ's loop (``--gptq-params
-lazy``) and ``+refit`` adds the refinement of ``--gptq-refit`` (``neuqi.gptq.refine``); these have
+lazy``) and ``+refit`` adds the refinement of ``--gptq-refit`` (``neuqi.quant.gptq.refine``); these have
 no plain row either. The table gives the seconds per layer of each, the extra seconds GPTQ costs,
 and the layer's output error ``sum over linears of tr((W - Ŵ) H (W - Ŵ)ᵀ)`` for both (lower is
 better). Every method is run once untimed first, so ``torch.compile`` is not timed. Reading ``H``
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from neuqi.calib import calibration_windows, load_calibration_text
-from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
-from neuqi.gptq import LAZY_MINMAX
-from neuqi.models import build_layer, build_rotary
+from neuqi.data.calib import calibration_windows, load_calibration_text
+from neuqi.model.checkpoint import Checkpoint, load_tokenizer, resolve_model
+from neuqi.model.layers import build_layer, build_rotary
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import dequantize
+from neuqi.quant.gptq import LAZY_MINMAX
+from neuqi.quant.solver import dequantize
 from neuqi.stages.common import h_name, q_name
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import run_forward

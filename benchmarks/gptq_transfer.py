@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from neuqi.calib import calibration_windows, load_calibration_text
-from neuqi.checkpoint import load_tokenizer
-from neuqi.demo_model import ensure_smollm2
+from neuqi.data.calib import calibration_windows, load_calibration_text
 from neuqi.evaluate import eval_windows, read_eval_text
-from neuqi.gptq import gptq_quantize
-from neuqi.solver import quantize_tensor
+from neuqi.model.checkpoint import load_tokenizer
+from neuqi.model.demo import ensure_smollm2
+from neuqi.quant.gptq import gptq_quantize
+from neuqi.quant.solver import quantize_tensor
 from neuqi.stages.hessian import DAMPING
 
 DATA = Path(__file__).resolve().parents[1] / "data"  # the repository's copy (data/README.md)

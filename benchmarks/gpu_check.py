@@ -68,7 +68,7 @@ def timed(w, h, bits: int, backend: str):
     any compilation), and its rate in weights/s."""
     import torch
 
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     def sync() -> None:
         if w.device.type == "cuda":
@@ -115,7 +115,7 @@ def solver_rows(device: str, smoke: bool) -> list[dict]:
 
 def layers_70b(device: str, smoke: bool, workdir: Path) -> dict:
     """(b): two decoder layers of the 70B shapes through `neuqi quantize`, peaks against plan."""
-    from neuqi.synthetic import SHAPES, Shape, build_checkpoint
+    from neuqi.model.synthetic import SHAPES, Shape, build_checkpoint
 
     model = workdir / ("tiny-2layers" if smoke else "llama-3.1-70b-2layers")
     if not (model / "model.safetensors.index.json").is_file():

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neuqi.checkpoint import load_tokenizer, resolve_model
 from neuqi.evaluate import read_eval_text
+from neuqi.model.checkpoint import load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # the repository's copy (data/README.md)

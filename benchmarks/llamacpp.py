@@ -74,9 +74,9 @@ def main() -> None:
 
     import torch
 
-    from neuqi.checkpoint import load_tokenizer
     from neuqi.evaluate import eval_windows, perplexity, read_eval_text
-    from neuqi.export import export
+    from neuqi.formats.export import export
+    from neuqi.model.checkpoint import load_tokenizer
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize
 

@@ -5,7 +5,7 @@
         [--nsamples 8] [--seqlen 256] [--batch-size 4] [--max-shard-mb 200] [--seed 0]
         [--workdir DIR] [--keep]
 
-It writes one synthetic LLaMA checkpoint per layer count with :mod:`neuqi.synthetic` (seeded
+It writes one synthetic LLaMA checkpoint per layer count with :mod:`neuqi.model.synthetic` (seeded
 heavy-tailed bf16 weights, the same layer shape for all of them, sharded safetensors plus an index,
 and a small byte-level BPE tokenizer), then runs the real command line on each, every time in a fresh process::
 
@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuqi.synthetic import Shape, build_checkpoint  # imports no torch until it writes
+from neuqi.model.synthetic import Shape, build_checkpoint  # imports no torch until it writes
 
 MIB = 1024 * 1024
 COMPUTE_BYTES = 4  # float32, the CLI's default --dtype

@@ -5,7 +5,7 @@ experts' Hessians from their routed tokens and from all tokens, side by side.
         [--workdir DIR]
 
 No small MoE checkpoint is available offline, so the model is built here from transformers'
-MixtralConfig (:func:`neuqi.synthetic.build_from_config`: 4 layers, hidden 256, 8 experts of width
+MixtralConfig (:func:`neuqi.model.synthetic.build_from_config`: 4 layers, hidden 256, 8 experts of width
 512, 2 per token, vocabulary 1024, seeded random weights) with a byte-level BPE trained on the
 shipped calibration text. It is quantized twice with the real pipeline
 (:func:`neuqi.pipeline.runner.quantize`, ``--moe-calibration routed`` and ``all``) and every
@@ -25,10 +25,10 @@ from pathlib import Path
 from rich.console import Console
 
 from neuqi.evaluate import perplexity
+from neuqi.model.synthetic import build_from_config, tiny_moe_config
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
-from neuqi.progress import Log
-from neuqi.synthetic import build_from_config, tiny_moe_config
+from neuqi.util.progress import Log
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "wikitext2-test.raw"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from neuqi.solver import COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH, minmax_params
+from neuqi.quant.solver import COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH, minmax_params
 
 
 def _sweep(bounds: Tensor, lo0: Tensor, hi_end: Tensor, qa: Tensor, qb: Tensor, qc: Tensor,

@@ -26,7 +26,7 @@ Rows, each at w2g64, w3g64 and w4g64 (asymmetric integer weights, groups of 64 i
   optimize on, float zero and scale) on every decoder linear.
 
 Every row sees the same calibration windows: benchmarks/peers.py cuts them once with the project's
-own sampler (``neuqi.calib.calibration_windows``: ``--calib`` text tokenized once, ``--nsamples``
+own sampler (``neuqi.data.calib.calibration_windows``: ``--calib`` text tokenized once, ``--nsamples``
 windows of ``--seqlen`` tokens at starts drawn with ``--seed``, exactly as ``neuqi quantize`` does)
 and writes them to ``WORKDIR/calib-windows.safetensors`` (int64 ``[nsamples, seqlen]``). The
 peers get those token ids (benchmarks/peers_run.py): AutoRound as its ``dataset``, a list of
@@ -208,8 +208,8 @@ def write_windows(model_dir: Path, args: argparse.Namespace) -> tuple[Path, str]
     ``WORKDIR/calib-windows.safetensors``; returns the file and the windows' SHA-256."""
     from safetensors.torch import save_file
 
-    from neuqi.calib import calibration_windows, load_calibration_text
-    from neuqi.checkpoint import load_tokenizer
+    from neuqi.data.calib import calibration_windows, load_calibration_text
+    from neuqi.model.checkpoint import load_tokenizer
 
     text = load_calibration_text(args.calib)
     windows = calibration_windows(load_tokenizer(model_dir), text, args.nsamples, args.seqlen,
@@ -226,7 +226,7 @@ def check_quantized(out: Path, source: Path, bits: int, group: int) -> str | Non
     import torch
     from safetensors import safe_open
 
-    from neuqi.architectures import arch_for
+    from neuqi.model.architectures import arch_for
 
     config = json.loads((source / "config.json").read_text())
     arch = arch_for(config)
@@ -378,7 +378,7 @@ def table(results: dict[str, Any]) -> str:
         "call; for NeUQI the `neuqi quantize` process). Asymmetric integer weights in groups of "
         f"the size shown. Calibration: the same {proto.get('nsamples')} windows of "
         f"{proto.get('seqlen')} tokens of {proto.get('calib')} (seed {proto.get('seed')}, "
-        "`neuqi.calib.calibration_windows`) for every row; HQQ uses none. Made by "
+        "`neuqi.data.calib.calibration_windows`) for every row; HQQ uses none. Made by "
         "`python benchmarks/peers.py`"
         + (f" on {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "") if dates else "")
         + (f" at commit {', '.join(commits)}" if commits else "") + ".",
@@ -465,7 +465,7 @@ def main() -> None:
     if not Path(args.calib).is_file():
         usage_error(f"--calib {args.calib}: no such file (python benchmarks/heldout_text.py "
                          "writes the default)")
-    from neuqi.checkpoint import resolve_model
+    from neuqi.model.checkpoint import resolve_model
 
     model_dir = resolve_model(args.model)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ METHODS: dict[str, list[str]] = {
     "minmax-lazy+gptq": ["--method", "minmax-lazy", "--gptq", "--no-gptq-refit"],  # GPTQ's own
     "neuqi+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "static",
                    "--no-gptq-refit"],  # the NeUQI paper's recipe
-    # each group's NeUQI solved when GPTQ reaches it, from the compensated weights (neuqi.gptq)
+    # each group's NeUQI solved when GPTQ reaches it, from the compensated weights (neuqi.quant.gptq)
     "neuqi-lazy+gptq": ["--method", "neuqi", "--gptq", "--gptq-params", "lazy",
                         "--no-gptq-refit"],
     # then per row the better of it and GPTQ's lazy Min-Max, scales and zero-points refitted
@@ -132,7 +132,7 @@ def shipped_calibration_file(workdir: Path) -> Path:
     """The package's calibration text (Pride and Prejudice, byte for byte the Project Gutenberg
     file; src/neuqi/data/README.md) as a file the commands can name, under its own name so the
     protocol (and the rows stored under it) stays the same."""
-    from neuqi.calib import load_calibration_text
+    from neuqi.data.calib import load_calibration_text
 
     path = workdir / "pride-and-prejudice.txt"
     text = load_calibration_text(None).encode("utf-8")

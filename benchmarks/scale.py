@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--workdir /work/scratch/scale] [--measure llama-3.1-70b]
         [--layers 2,4] [--nsamples 8,32] [--seqlen 128] [--method minmax] [--keep]
 
-For each shape of :data:`neuqi.synthetic.SHAPES` (Llama-3.1-70B, Qwen2.5-72B with q/k/v biases,
+For each shape of :data:`neuqi.model.synthetic.SHAPES` (Llama-3.1-70B, Qwen2.5-72B with q/k/v biases,
 Llama-3.1-405B: exact layer shapes, the vocabulary cut to 4096):
 
 1. **Planned, full model** (``neuqi plan --json``; the checkpoint is written with real headers
@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import _neuqi_executable, measure  # stdlib-only: the parent holds no torch
 
-from neuqi.synthetic import FULL_MODELS, SHAPES  # imports no torch
+from neuqi.model.synthetic import FULL_MODELS, SHAPES  # imports no torch
 
 GiB = 2**30
 LAYER_LINE = re.compile(  # the CLI's per-layer line, with or without its timestamp and progress
@@ -64,7 +64,7 @@ def build(folder: Path, key: str, layers: int, vocab: int | None, sparse: bool,
         return None
     code = (
         "import dataclasses, sys; from pathlib import Path; "
-        "from neuqi.synthetic import SHAPES, build_checkpoint; "
+        "from neuqi.model.synthetic import SHAPES, build_checkpoint; "
         f"s = SHAPES[{key!r}]; s = dataclasses.replace(s, vocab={vocab}) if {vocab!r} else s; "
         f"build_checkpoint(Path({str(folder)!r}), s, {layers}, sparse={sparse})"
     )

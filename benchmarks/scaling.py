@@ -4,7 +4,7 @@
         [--heads 4] [--kv-heads 2] [--vocab 1024] [--method neuqi] [--bits 4] [--group-size 128]
         [--nsamples 8] [--seqlen 128] [--seed 0] [--workdir DIR] [--keep]
 
-It writes a synthetic LLaMA checkpoint with :mod:`neuqi.synthetic` (a small default shape so that the CPU solve takes about a minute), runs the job once in this process with
+It writes a synthetic LLaMA checkpoint with :mod:`neuqi.model.synthetic` (a small default shape so that the CPU solve takes about a minute), runs the job once in this process with
 ``--no-sequential`` to get every layer's Hessians (with ``minmax`` solves, which are quick; without
 sequential quantization the Hessians do not depend on the solves), then, for each worker count,
 starts a ``LocalCluster(n_workers=N, threads_per_worker=1, processes=True)``, removes the solve
@@ -31,14 +31,14 @@ import torch
 from distributed import Client, LocalCluster
 from rich.console import Console
 
-from neuqi.checkpoint import Checkpoint
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.synthetic import Shape, build_checkpoint
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.executor import DaskExecutor
 from neuqi.pipeline.runner import quantize
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import solve_key, solve_task
 from neuqi.stages.common import Q_PARTS, q_name
-from neuqi.synthetic import Shape, build_checkpoint
 
 
 def _warm_up(method: str, bits: int, group_size: int) -> None:
@@ -47,7 +47,7 @@ def _warm_up(method: str, bits: int, group_size: int) -> None:
     import transformers  # noqa: F401
 
     import neuqi.pipeline.tasks  # noqa: F401
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     g = torch.Generator().manual_seed(0)
     cols = group_size if group_size > 0 else 64

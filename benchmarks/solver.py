@@ -13,7 +13,7 @@ reference backend runs with torch.compile when the full matrix would (its defaul
 at least ``COMPILE_MIN_WEIGHTS``), also on a slice.
 
 For each shape x bits x group size x method it times :func:`paper_reference.paper_search` (the
-paper's search, same groups and normalised ``h``) and :func:`neuqi.solver.quantize_tensor` with
+paper's search, same groups and normalised ``h``) and :func:`neuqi.quant.solver.quantize_tensor` with
 each backend, and prints a markdown table: seconds, M weights/s, the speed-up over the paper's
 search and over the reference backend, the loss ratio to the paper's search and to the reference
 (summed loss ``sum_i h_i (w_i - ŵ_i)²``, raw ``h``, over all groups), the largest per-group excess
@@ -40,7 +40,7 @@ from paper_reference import paper_search
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from neuqi.solver import (
+from neuqi.quant.solver import (
     BACKENDS,
     CHUNK_ELEMENTS,
     COMPILE_MIN_WEIGHTS,

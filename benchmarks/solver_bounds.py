@@ -31,8 +31,8 @@ import torch
 from numba import njit
 from solver import make_inputs
 
-from neuqi import solver as S
-from neuqi import solver_numba as K
+from neuqi.quant import solver as S
+from neuqi.quant import solver_numba as K
 
 
 @njit(cache=False)

@@ -110,7 +110,7 @@ def make_tiny_model(
     """Save a seeded random ``family`` model (float32 safetensors) plus the tiny tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neuqi.synthetic import randomize
+    from neuqi.model.synthetic import randomize
 
     config = _tiny_config(family, **overrides)
     torch.manual_seed(seed)
@@ -175,7 +175,7 @@ def tiny_mistral(tiny_model_factory: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(request: pytest.FixtureRequest) -> Path:
     """The SmolLM2-135M-Instruct demo checkpoint, converted once into the pytest cache."""
-    from neuqi.demo_model import FOLDER_NAME, ensure_smollm2
+    from neuqi.model.demo import FOLDER_NAME, ensure_smollm2
 
     root = Path(request.config.cache.mkdir("neuqi-smollm2"))
     return ensure_smollm2(root / FOLDER_NAME)
@@ -184,7 +184,7 @@ def smollm2_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir(request: pytest.FixtureRequest) -> Path:
     """Gemma 3 270M, the second built-in real model, converted once into the pytest cache."""
-    from neuqi.demo_model import BUILTIN, ensure_builtin
+    from neuqi.model.demo import BUILTIN, ensure_builtin
 
     root = Path(request.config.cache.mkdir("neuqi-gemma3-270m"))
     return ensure_builtin("gemma3-270m", root / BUILTIN["gemma3-270m"].folder)

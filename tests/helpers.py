@@ -150,7 +150,7 @@ def quantize_w4g32_gguf(model: Path, tmp_path: Path) -> tuple[Path, dict[str, An
     back: ``(output folder, tensors by name, metadata values by key)``."""
     from gguf import GGUFReader
 
-    from neuqi.export import export
+    from neuqi.formats.export import export
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize
 

@@ -1,4 +1,4 @@
-"""Tests for neuqi.calib: loading calibration text and cutting seeded token windows."""
+"""Tests for neuqi.data.calib: loading calibration text and cutting seeded token windows."""
 
 import hashlib
 import re
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuqi.calib import calibration_windows, load_calibration_text, sample_windows
-from neuqi.errors import UserError
+from neuqi.data.calib import calibration_windows, load_calibration_text, sample_windows
+from neuqi.util.errors import UserError
 
 # src/neuqi/data/README.md: Project Gutenberg's plain text, byte for byte
 SHIPPED_SHA256 = "859c908774105fe56669e355156f2c9db0fe4ad2b6b67c068e3f8731aae55a99"
@@ -164,7 +164,7 @@ def _word_tokenizer(bos: bool):
 def test_windows_follow_the_tokenizers_own_prefix() -> None:
     """A tokenizer that adds <bos> gets it at the start of every calibration and evaluation
     window (seqlen tokens in all); one that adds nothing gets plain text windows, as before."""
-    from neuqi.calib import window_prefix
+    from neuqi.data.calib import window_prefix
     from neuqi.evaluate import eval_windows
 
     text = " ".join(["a", "b", "c", "d", "e", "f", "g", "h"] * 40)

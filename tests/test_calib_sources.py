@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from helpers import TINY, neuqi, one_line_error
 
-from neuqi.calib import load_calibration_text, stored_source
-from neuqi.errors import UserError
+from neuqi.data.calib import load_calibration_text, stored_source
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.store import JobStore
+from neuqi.util.errors import UserError
 
 RECORDS = [
     {"text": "It is a truth universally acknowledged.", "id": 1, "body": "first body"},
@@ -99,8 +99,8 @@ def test_hf_source_offline_and_not_cached_is_one_line(tmp_path: Path) -> None:
     """No network in tests: offline mode and an empty cache, in a process of its own."""
     pytest.importorskip("datasets")
     code = (
-        "from neuqi.calib import load_calibration_text\n"
-        "from neuqi.errors import UserError\n"
+        "from neuqi.data.calib import load_calibration_text\n"
+        "from neuqi.util.errors import UserError\n"
         "try:\n"
         "    load_calibration_text('hf:wikitext:wikitext-2-raw-v1:train', max_chars=100)\n"
         "except UserError as e:\n"

@@ -11,9 +11,8 @@ import torch
 from helpers import local_cluster, neuqi, one_line_error, output_files
 from rich.console import Console
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.errors import UserError
-from neuqi.models import build_layer, build_rotary
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.layers import build_layer, build_rotary
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.executor import check_scheduler, open_executor
 from neuqi.pipeline.runner import quantize
@@ -21,6 +20,7 @@ from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV, KILL_ONCE_ENV, split
 from neuqi.stages.common import acts_name, h_name
 from neuqi.stages.hessian import batch_starts, batch_sums, write_hessian
+from neuqi.util.errors import UserError
 
 OPTIONS = {"bits": 3, "group_size": 16, "nsamples": 5, "seqlen": 32, "batch_size": 2}
 
@@ -92,8 +92,8 @@ def test_hessian_does_not_depend_on_how_the_batches_are_split(tiny_llama: Path, 
     names = [h_name(0, group) for group, _ in ckpt.arch.linear_groups]
     job_h = [store.read_array(name) for name in names]  # computed in one run of batches
     # acts/0 is deleted when layer 0 is done: recompute it the way the job did
-    from neuqi.calib import calibration_windows, load_calibration_text
-    from neuqi.checkpoint import load_tokenizer
+    from neuqi.data.calib import calibration_windows, load_calibration_text
+    from neuqi.model.checkpoint import load_tokenizer
     from neuqi.stages.embed import run_embed
 
     windows = calibration_windows(load_tokenizer(ckpt.path), load_calibration_text(None),

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, assert_bitwise_equal, neuqi, output_tensors
 
-from neuqi.distill import DistillSettings, QuantLinear, Trainer, lr_at, sample_index
-from neuqi.distill_e2e import KILL_AFTER_STEPS_ENV
-from neuqi.loader import NeuqiOutput, load_quantized
-from neuqi.packing import unpack_codes
+from neuqi.formats.loader import NeuqiOutput, load_quantized
+from neuqi.pipeline.distill_e2e import KILL_AFTER_STEPS_ENV
 from neuqi.pipeline.runner import KILL_AFTER_ENV
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import quantize_tensor
+from neuqi.quant.distill import DistillSettings, QuantLinear, Trainer, lr_at, sample_index
+from neuqi.quant.packing import unpack_codes
+from neuqi.quant.solver import quantize_tensor
 from neuqi.stages.common import distilled_name, q_name
 
 QUANT = ["--bits", "2", "--group-size", "16", *TINY]

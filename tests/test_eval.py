@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from helpers import neuqi
 
-from neuqi.errors import UserError
 from neuqi.evaluate import eval_windows, perplexity, read_eval_text
-from neuqi.loader import load_quantized
+from neuqi.formats.loader import load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
+from neuqi.util.errors import UserError
 
 # the repository carries the evaluation text (data/README.md: source, licence, SHA-256)
 WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"

@@ -11,9 +11,9 @@ from helpers import TINY as TINY_CLI
 from helpers import neuqi, one_line_error
 from safetensors.torch import load_file
 
-from neuqi.export import export
-from neuqi.export.common import ExportSource, weighted_loss
-from neuqi.loader import NeuqiOutput, load_quantized
+from neuqi.formats.export import export
+from neuqi.formats.export.common import ExportSource, weighted_loss
+from neuqi.formats.loader import NeuqiOutput, load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
 
@@ -75,7 +75,7 @@ def test_native_loss_is_the_solver_loss_with_the_sidecar(int_output: Path):
     lin = source.linear("model.layers.1.mlp.down_proj.weight")
     assert lin.weight is not None and lin.h_diag is not None
     loss = weighted_loss(lin.weight, lin.dequantized(), lin.h_diag)
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     again = quantize_tensor(lin.weight, lin.h_diag, bits=4, group_size=32, method="neuqi-int")
     assert loss == pytest.approx(float(again.loss.sum()), rel=1e-4)
@@ -108,8 +108,8 @@ def test_compressed_tensors_re_solves_float_zero_points_with_neuqi_int(
     assert report.added_loss is not None and report.added_loss > 0
     source = ExportSource(float_output)
     # the floor: NeUQI-int's own loss for every linear, from the weights and the stored diagonal
-    from neuqi.export.compressed_tensors import integer_params
-    from neuqi.solver import dequantize, quantize_tensor
+    from neuqi.formats.export.compressed_tensors import integer_params
+    from neuqi.quant.solver import dequantize, quantize_tensor
 
     floor = rounded = 0.0
     for name in source.quantized_names:
@@ -189,7 +189,7 @@ def _gguf_weight(tensor) -> torch.Tensor:
 
 def _hf_rows(name: str, weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
     """A GGUF llama q/k weight back in transformers' row order."""
-    from neuqi.export.gguf import qk_permutation
+    from neuqi.formats.export.gguf import qk_permutation
 
     n = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith(
         "k_proj.weight") else None
@@ -216,8 +216,8 @@ def test_block_layouts_read_back_with_the_gguf_package(qtype: str):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from neuqi.export.gguf import pack_kquant, pack_q4_1, pack_q5_1
-    from neuqi.export.kquants import KSPECS, KQuantized
+    from neuqi.formats.export.gguf import pack_kquant, pack_q4_1, pack_q5_1
+    from neuqi.formats.export.kquants import KSPECS, KQuantized
 
     g = torch.Generator().manual_seed(1)
     rows = 3
@@ -343,8 +343,8 @@ def wide_output(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) ->
 def test_gguf_k_quants_are_solved_under_their_constraint(
     wide_output: Path, tmp_path: Path, qtype: str
 ):
-    from neuqi.export.kquants import KSPECS, round_after, solve_kquant
-    from neuqi.solver import quantize_tensor
+    from neuqi.formats.export.kquants import KSPECS, round_after, solve_kquant
+    from neuqi.quant.solver import quantize_tensor
 
     out = tmp_path / "k.gguf"
     report = export(wide_output, f"gguf-{qtype.lower()}", out)
@@ -417,8 +417,8 @@ def test_quantize_with_format_gguf_exports_a_qwen2_that_transformers_runs(
 @pytest.mark.parametrize("group_size", [64, 128, -1])
 def test_q4_1_writes_groups_of_a_multiple_of_32_with_their_own_codes(group_size: int):
     """A group of k·32 weights is k Q4_1 blocks with the group's (s, z): nothing re-solved."""
-    from neuqi.export.common import NativeLinear
-    from neuqi.export.gguf import BLOCK, own_block_params
+    from neuqi.formats.export.common import NativeLinear
+    from neuqi.formats.export.gguf import BLOCK, own_block_params
 
     g = torch.Generator().manual_seed(3)
     n_groups = 1 if group_size == -1 else 128 // group_size
@@ -519,8 +519,8 @@ GEMMA3 = {**GEMMA2, "model_type": "gemma3_text", "num_hidden_layers": 6}
 def test_gguf_refuses_configs_llama_cpp_would_run_differently(config: dict, why: str | None):
     """What llama.cpp fixes for an architecture rather than reads from the file, checked against
     the config (transformers' class defaults filled in): a mismatch is one line, never a file."""
-    from neuqi.errors import UserError
-    from neuqi.export.gguf import check_family
+    from neuqi.formats.export.gguf_layout import check_family
+    from neuqi.util.errors import UserError
 
     if why is None:
         check_family(config, "config.json")
@@ -536,9 +536,9 @@ def test_gguf_gemma3_linear_rope_scaling_is_written_for_the_global_layers():
     scaling keys for its global layers and fixes base 10000, no scaling, for the local ones."""
     import gguf
 
-    from neuqi.export.gguf import LAYOUTS, _resolved
+    from neuqi.formats.export.gguf_layout import LAYOUTS, resolved
 
-    config = _resolved({**GEMMA3, "rope_parameters": {
+    config = resolved({**GEMMA3, "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}})
     writer = gguf.GGUFWriter(None, "gemma3")
@@ -556,10 +556,10 @@ def test_gguf_deepseek_yarn_keys_are_the_converters():
     transformers' DeepseekV3 does for mscale == mscale_all_dim."""
     import gguf
 
-    from neuqi.export.gguf import LAYOUTS, _resolved
+    from neuqi.formats.export.gguf_layout import LAYOUTS, resolved
 
     w = gguf.GGUFWriter(None, "deepseek2")
-    LAYOUTS["deepseek_v3"].keys(w, _resolved({"model_type": "deepseek_v3",
+    LAYOUTS["deepseek_v3"].keys(w, resolved({"model_type": "deepseek_v3",
                                               "rope_scaling": DEEPSEEK_YARN}))
     kv = {k.format(arch="deepseek2"): v.value for shard in w.kv_data for k, v in shard.items()}
     r = gguf.Keys.Rope
@@ -576,7 +576,7 @@ def test_gguf_deepseek_yarn_keys_are_the_converters():
 def test_gguf_deepseek_v3_pre_tokenizer_is_llama_cpps_deepseek_v3():
     """DeepSeek-V3's tokenizer.json splits digits (1-3), CJK runs, then words before the byte
     level: llama.cpp's ``deepseek-v3`` pre-tokenizer (the digit split alone reads as LLaMA 3's)."""
-    from neuqi.export.gguf import _pre_tokenizer
+    from neuqi.formats.export.gguf import _pre_tokenizer
 
     splits = [{"type": "Split", "pattern": {"Regex": r"\p{N}{1,3}"}, "behavior": "Isolated"},
               {"type": "Split", "pattern": {"Regex": "[一-龥\u3040-ゟ゠-ヿ]+"},

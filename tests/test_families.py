@@ -35,11 +35,10 @@ from helpers import (
 )
 from test_reliability import Zygote
 
-from neuqi import faults
-from neuqi.checkpoint import Checkpoint, load_tokenizer
 from neuqi.evaluate import eval_windows, perplexity
-from neuqi.loader import load_quantized
-from neuqi.models import (
+from neuqi.formats.loader import load_quantized
+from neuqi.model.checkpoint import Checkpoint, load_tokenizer
+from neuqi.model.layers import (
     build_embedding,
     build_head,
     build_layer,
@@ -47,7 +46,8 @@ from neuqi.models import (
     layer_forward,
     position_embeddings_for,
 )
-from neuqi.solver import quantize_tensor
+from neuqi.quant.solver import quantize_tensor
+from neuqi.util import faults
 
 KINDS = ["sliding_attention", "full_attention"]
 # model_type -> config overrides of the tiny model (conftest's: hidden 64, vocab 512; 2 layers)
@@ -74,7 +74,7 @@ WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2-test.raw"
 def forked(tmp_path_factory: pytest.TempPathFactory):
     # each family's modelling imported once, not in every forked run (seconds each)
     warm = tuple(f"transformers.models.{m}.modeling_{m}" for m in ("gemma", "gemma2", "gemma3", "phi3"))
-    zygote = Zygote(tmp_path_factory.mktemp("zygote-families"), (*warm, "neuqi.solver_numba"))
+    zygote = Zygote(tmp_path_factory.mktemp("zygote-families"), (*warm, "neuqi.quant.solver_numba"))
     yield zygote
     zygote.close()
 
@@ -121,7 +121,7 @@ def test_quantize_resume_eval_and_compressed_tensors(
 ):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from neuqi.export import export
+    from neuqi.formats.export import export
 
     model_type, model = family
     out = tmp_path / "out"
@@ -240,8 +240,8 @@ def test_gguf_export_runs_in_transformers_with_the_native_logits(
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    from neuqi.export import export
-    from neuqi.export.common import ExportSource
+    from neuqi.formats.export import export
+    from neuqi.formats.export.common import ExportSource
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize
 
@@ -310,7 +310,7 @@ def test_gguf_gemma_is_llama_cpp_gemma_tensor_by_tensor(
     from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
     from gguf.quants import dequantize, quantize
 
-    from neuqi.export.common import ExportSource
+    from neuqi.formats.export.common import ExportSource
 
     model = tiny_model_factory("gemma", **FAMILIES["gemma"])
     out, tensors, fields = quantize_w4g32_gguf(model, tmp_path)
@@ -427,8 +427,8 @@ def test_multimodal_gemma3_is_refused_in_one_line(
 
 
 def test_each_family_maps_to_its_spec_and_others_are_refused_naming_them():
-    from neuqi.architectures import GEMMA, GEMMA2, GEMMA3, PHI3, SUPPORTED_FAMILIES, arch_for
-    from neuqi.errors import UserError
+    from neuqi.model.architectures import GEMMA, GEMMA2, GEMMA3, PHI3, SUPPORTED_FAMILIES, arch_for
+    from neuqi.util.errors import UserError
 
     specs = {"gemma": GEMMA, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3}
     for model_type, spec in specs.items():
@@ -450,8 +450,8 @@ def test_the_embedding_scale_is_rounded_to_the_model_dtype():
     bfloat16 Gemma was trained with; a float32 model keeps 55.4256."""
     from transformers import Gemma2Config
 
-    from neuqi.architectures import GEMMA2, LLAMA_LIKE
-    from neuqi.families import embedding_scale
+    from neuqi.model.architectures import GEMMA2, LLAMA_LIKE
+    from neuqi.model.families import embedding_scale
 
     assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="bfloat16"), GEMMA2) == 55.5
     assert embedding_scale(Gemma2Config(hidden_size=3072, dtype="float32"), GEMMA2) == (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_bitwise_equal, gguf_in_transformers, neuqi
 
-from neuqi.loader import load_quantized
+from neuqi.formats.loader import load_quantized
 from neuqi.pipeline.runner import KILL_AFTER_ENV
 
 SMALL = ["--bits", "4", "--group-size", "64", "--method", "minmax", "--nsamples", "2",
@@ -39,7 +39,7 @@ def test_gemma3_output_computes_the_min_max_model(gemma3_output: Path, gemma3_di
     transformers' Gemma 3 computes with its linears replaced by the solver's Min-Max weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     ref = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32)
     for name, module in ref.named_modules():

@@ -22,11 +22,11 @@ import torch
 from conftest import _tiny_config
 from helpers import TINY, gguf_in_transformers, neuqi, one_line_error
 
-from neuqi.export import export
-from neuqi.loader import load_quantized
+from neuqi.formats.export import export
+from neuqi.formats.loader import load_quantized
+from neuqi.model.synthetic import build_from_config
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import quantize
-from neuqi.synthetic import build_from_config
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -307,8 +307,8 @@ def test_gguf_refuses_sentencepiece_models_llama_cpp_would_tokenize_otherwise(
 ):
     """A Unigram model, a normalizing one (nmt_nfkc) and a tokenizer.model that is not the
     tokenizer.json's are refused in one line naming the file."""
-    from neuqi.errors import UserError
-    from neuqi.export.gguf import check_tokenizer
+    from neuqi.formats.export.gguf import check_tokenizer
+    from neuqi.util.errors import UserError
 
     why = {"unigram": "UNIGRAM", "nfkc": "nmt_nfkc", "spaces": "remove_extra_whitespaces"}
     for name, options in (("unigram", {"model_type": "unigram"}),

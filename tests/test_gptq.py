@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from neuqi.gptq import DAMP, gptq_quantize
-from neuqi.solver import METHODS, quantize_tensor
+from neuqi.quant.gptq import DAMP, gptq_quantize
+from neuqi.quant.solver import METHODS, quantize_tensor
 
 BITS, GROUP = 3, 16
 
@@ -242,7 +242,7 @@ def test_lazy_neuqi_per_group_solves_pass_the_backend_criterion(bits: int, monke
     """Every per-group solve that lazy NeUQI makes on the numba backend (on the compensated
     weights that GPTQ hands it) meets the backend criterion against the reference on the same
     input: never a loss above the reference's by more than 1e-6, and mostly its very scale."""
-    import neuqi.gptq as gptq_module
+    import neuqi.quant.gptq as gptq_module
 
     calls = []
     real = gptq_module.quantize_tensor
@@ -273,7 +273,7 @@ def test_lazy_neuqi_per_group_solves_pass_the_backend_criterion(bits: int, monke
 def test_refit_with_identity_codes_recovers_the_least_squares_parameters():
     """With H = I and codes from an exact grid (w = s (q - z) + tiny noise), the refit finds s, z
     back; a row whose codes are all equal keeps its parameters (no division by zero)."""
-    from neuqi.gptq import refit_params
+    from neuqi.quant.gptq import refit_params
 
     gen = torch.Generator().manual_seed(12)
     codes = torch.randint(0, 8, (6, 32), generator=gen).to(torch.uint8)
@@ -292,7 +292,7 @@ def test_refit_with_identity_codes_recovers_the_least_squares_parameters():
 
 @pytest.mark.parametrize("group_size", [GROUP, -1])
 def test_refine_lowers_every_rows_output_error(group_size: int):
-    from neuqi.gptq import refine, row_errors
+    from neuqi.quant.gptq import refine, row_errors
 
     _, weight, hessian, h_diag = correlated_layer(seed=13)
     lazy = gptq_quantize(weight, hessian, bits=BITS, group_size=group_size, lazy="neuqi",

@@ -78,7 +78,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_the_packages() -> None:
     graph = _module_graph()
     assert "neuqi.pipeline.store" in graph["neuqi.stages.solve"]
-    assert "neuqi.architectures" in graph["neuqi.checkpoint"]
+    assert "neuqi.model.architectures" in graph["neuqi.model.checkpoint"]
 
 
 def test_no_import_circle() -> None:
@@ -90,32 +90,62 @@ def test_a_circle_is_found() -> None:
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-# What each layer may import from the layers above it (everything else points down).
-ALLOWED_UPWARD = {
-    # the stages read and write the job store, the one pipeline interface meant for them
-    "neuqi.stages": {"neuqi.pipeline.store"},
-    # pure computation: no pipeline, no stages, no command line
-    "neuqi.solver": set(),
-    "neuqi.solver_numba": set(),
-    "neuqi.solver_triton": set(),
-    "neuqi.gptq": set(),
-    "neuqi.packing": set(),
-    "neuqi.architectures": set(),
-    "neuqi.durable": set(),
+# The layers of ARCHITECTURE.md, from the ground up: a module imports from its own layer or from
+# a lower one, never from a higher one or a neighbour of the same height.
+LAYERS: dict[str, int] = {
+    "neuqi.util": 0,  # errors, crash-safe files, fault points, devices, progress
+    "neuqi.quant": 1,  # the mathematics: pure tensor code
+    "neuqi.data": 1,  # calibration text and windows
+    "neuqi.model": 2,  # checkpoints, families, decoder layers
+    "neuqi.formats": 3,  # the output folder, its loader, the exports
+    "neuqi.stages": 4,  # the steps of a job
+    "neuqi.pipeline": 5,  # runs a job
+    "neuqi.evaluate": 5,  # neuqi eval
+    "neuqi.cli": 6,
 }
-UPPER = ("neuqi.pipeline", "neuqi.stages", "neuqi.cli", "neuqi.export")
+# The one upward arrow: the stages read and write the job store, the interface meant for them.
+ALLOWED_UPWARD = {("neuqi.stages", "neuqi.pipeline.store")}
 
 
-@pytest.mark.parametrize("layer", sorted(ALLOWED_UPWARD))
-def test_arrows_point_down(layer: str) -> None:
-    graph = _module_graph()
+def _layer(module: str) -> str | None:
+    for layer in LAYERS:
+        if module == layer or module.startswith(layer + "."):
+            return layer
+    return None
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in _module_graph() if m != "neuqi" and _layer(m) is None] == []
+
+
+def test_arrows_point_down() -> None:
     wrong = []
-    for module, targets in graph.items():
-        if module != layer and not module.startswith(layer + "."):
-            continue
+    for module, targets in _module_graph().items():
+        here = _layer(module)
         for target in targets:
-            upward = any(target == u or target.startswith(u + ".") for u in UPPER)
-            inside = target == layer or target.startswith(layer + ".")
-            if upward and not inside and target not in ALLOWED_UPWARD[layer]:
+            there = _layer(target)
+            if here is None or there is None or here == there:
+                continue
+            if LAYERS[there] >= LAYERS[here] and (here, target) not in ALLOWED_UPWARD:
                 wrong.append(f"{module} -> {target}")
-    assert wrong == []
+    assert sorted(wrong) == []
+
+
+def test_the_mathematics_is_pure() -> None:
+    """quant/ is tensor code: it imports nothing of neuqi but the shared helpers (its errors)."""
+    graph = _module_graph()
+    impure = [
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if _layer(m) == "neuqi.quant"
+        for t in targets
+        if _layer(t) not in ("neuqi.quant", "neuqi.util")
+    ]
+    assert impure == []
+
+
+def test_a_wrong_arrow_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    graph = {"neuqi.quant.solver": {"neuqi.pipeline.store"}, "neuqi.stages.solve": {"neuqi.pipeline.store"}}
+    monkeypatch.setattr(f"{__name__}._module_graph", lambda: graph)
+    with pytest.raises(AssertionError, match="neuqi.quant.solver -> neuqi.pipeline.store"):
+        test_arrows_point_down()

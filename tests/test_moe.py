@@ -34,12 +34,11 @@ from helpers import (
 )
 from test_reliability import Zygote
 
-from neuqi import faults
-from neuqi.architectures import arch_for
-from neuqi.checkpoint import Checkpoint
 from neuqi.evaluate import OutputModel
-from neuqi.loader import NeuqiOutput, load_quantized
-from neuqi.models import (
+from neuqi.formats.loader import NeuqiOutput, load_quantized
+from neuqi.model.architectures import arch_for
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.layers import (
     build_embedding,
     build_head,
     build_layer,
@@ -47,8 +46,9 @@ from neuqi.models import (
     layer_forward,
     position_embeddings_for,
 )
-from neuqi.moe import MOE_MIN_TOKENS, ExpertLinears
-from neuqi.synthetic import build_from_config, tiny_moe_config
+from neuqi.model.moe import MOE_MIN_TOKENS, ExpertLinears
+from neuqi.model.synthetic import build_from_config, tiny_moe_config
+from neuqi.util import faults
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 WARM = "".join(f"import transformers.models.{f}.modeling_{f}\n" for f in FAMILIES) + (
@@ -188,7 +188,7 @@ def test_mixtral_in_either_block_name_quantizes_loads_and_exports(
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    from neuqi.export import export
+    from neuqi.formats.export import export
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.plan import read_shape
     from neuqi.pipeline.runner import quantize
@@ -240,7 +240,7 @@ def test_mixtral_block_name_is_resolved_from_the_checkpoint(moe_models: dict[str
     names = {"model.layers.0.mlp.experts.0.w1.weight"}
     assert arch_for(config, names).linears_of(0)[4] == "mlp.experts.0.w1"
     assert arch_for(config, set()).moe == published.moe  # neither: reported missing as published
-    from neuqi.errors import UserError
+    from neuqi.util.errors import UserError
 
     with pytest.raises(UserError, match="block_sparse_moe or mlp"):
         published.with_block("moe")
@@ -448,8 +448,8 @@ def test_gguf_export_stacks_the_experts(
     the expert keys are llama.cpp's."""
     from gguf.quants import dequantize
 
-    from neuqi.export.common import ExportSource
-    from neuqi.export.gguf import qk_permutation
+    from neuqi.formats.export.common import ExportSource
+    from neuqi.formats.export.gguf import qk_permutation
 
     config = tiny_moe_config(family, layers=LAYERS, **GGUF_CONFIGS[family])
     model = build_from_config(tmp_path / "model", config, seed=1, tokenizer_dir=tiny_tokenizer_dir)
@@ -508,7 +508,7 @@ def test_gguf_deepseek_v3_is_llama_cpp_deepseek2_tensor_by_tensor(
     from gguf.constants import MODEL_ARCH, MODEL_TENSORS, TENSOR_NAMES
     from gguf.quants import dequantize
 
-    from neuqi.export.common import ExportSource
+    from neuqi.formats.export.common import ExportSource
 
     model = moe_models["deepseek_v3"]
     out, tensors, fields = quantize_w4g32_gguf(model, tmp_path)
@@ -659,7 +659,7 @@ def test_gptq_distillation_and_bad_calibration_refused_for_moe(
 def test_unsupported_family_names_the_supported_ones(moe_models: dict[str, Path]) -> None:
     config = json.loads((moe_models["mixtral"] / "config.json").read_text())
     config["model_type"] = "dbrx"
-    from neuqi.errors import UserError
+    from neuqi.util.errors import UserError
 
     with pytest.raises(UserError) as e:
         arch_for(config)

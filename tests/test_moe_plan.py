@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from neuqi.model.synthetic import build_from_config, tiny_moe_config
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.plan import GiB, make_plan, read_shape
 from neuqi.pipeline.shapes import tensors_from_config
-from neuqi.synthetic import build_from_config, tiny_moe_config
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 

@@ -1,4 +1,4 @@
-"""Tests for neuqi.output (atomic sharded writer) and neuqi.loader (reading it back as a model)."""
+"""Tests for neuqi.formats.output (atomic sharded writer) and neuqi.formats.loader (reading it back as a model)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.errors import UserError
-from neuqi.loader import DequantLinear, NeuqiOutput, load_quantized, read_dequantized
-from neuqi.output import FORMAT, INDEX_FILE, META_FILE, OutputWriter
-from neuqi.packing import packed_size
+from neuqi.formats.loader import DequantLinear, NeuqiOutput, load_quantized, read_dequantized
+from neuqi.formats.output import FORMAT, INDEX_FILE, META_FILE, OutputWriter
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.quant.packing import packed_size
+from neuqi.util.errors import UserError
 
 INPUT_IDS = torch.tensor([[3, 17, 250, 42, 99, 7, 300, 12, 5, 64, 128, 1]])
 

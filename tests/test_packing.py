@@ -1,11 +1,11 @@
-"""Tests for neuqi.packing: dense little-endian bit packing of 2..8-bit codes."""
+"""Tests for neuqi.quant.packing: dense little-endian bit packing of 2..8-bit codes."""
 
 import math
 
 import pytest
 import torch
 
-from neuqi.packing import pack_codes, packed_size, unpack_codes
+from neuqi.quant.packing import pack_codes, packed_size, unpack_codes
 
 
 def _reference_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import TINY, assert_bitwise_equal, neuqi, one_line_error, output_tensors
 
-from neuqi.loader import load_quantized
+from neuqi.formats.loader import load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import KILL_AFTER_ENV, quantize
 
@@ -145,7 +145,7 @@ def test_real_smollm2_end_to_end(smollm2_dir: Path, tmp_path: Path):
     replaced in memory by the solver's Min-Max dequantized weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     out = tmp_path / "smol"
     r = neuqi("quantize", str(smollm2_dir), "--out", str(out), "--bits", "4", "--group-size",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import TINY, assert_bitwise_equal, neuqi, one_line_error, output_tensors
 
-from neuqi.gptq import DAMP
-from neuqi.loader import load_quantized
+from neuqi.formats.loader import load_quantized
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.runner import KILL_AFTER_ENV, quantize
 from neuqi.pipeline.store import JobStore
+from neuqi.quant.gptq import DAMP
 from neuqi.stages.common import h_name
 from neuqi.stages.gptq import hessian_name
 

@@ -1,7 +1,7 @@
 """`neuqi plan` and `--max-memory`: the plan against a measured run, budgets, bad input.
 
 The measured runs are real `neuqi quantize` processes on a synthetic checkpoint
-(:mod:`neuqi.synthetic`); their peak RSS comes from ``wait4`` in a small stdlib-only wrapper (a
+(:mod:`neuqi.model.synthetic`); their peak RSS comes from ``wait4`` in a small stdlib-only wrapper (a
 child's ``ru_maxrss`` can include what its parent held before ``exec``, so pytest must not be the
 direct parent), and the job store's size is sampled every 20 ms.
 
@@ -29,9 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from neuqi.model.synthetic import Shape, build_checkpoint
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.plan import GiB, Knobs, make_plan, parse_size
-from neuqi.synthetic import Shape, build_checkpoint
 
 RSS_LOW, RSS_HIGH = 0.75, 1.05
 DISK_LOW, DISK_HIGH = 0.97, 1.03
@@ -223,8 +223,8 @@ def test_sizes(text: str, size: int) -> None:
 
 
 def test_plan_mirrors_the_refit_block():
-    from neuqi import gptq
     from neuqi.pipeline import plan
+    from neuqi.quant import gptq
 
     assert plan.REFIT_ELEMENTS == gptq.REFIT_ELEMENTS
 
@@ -233,7 +233,7 @@ def test_the_gpu_time_model(tmp_path: Path) -> None:
     """`neuqi plan --device cuda --gpu NAME` estimates each stage's time from the stated GPU
     model (no GPU needed) and prints its assumptions on one line; bf16 calibration takes less
     time than float32 on an H100's tensor cores, GPTQ takes more time than none."""
-    from neuqi.synthetic import SHAPES
+    from neuqi.model.synthetic import SHAPES
 
     model = tmp_path / "llama70-2layers"
     build_checkpoint(model, replace(SHAPES["llama-3.1-70b"], vocab=4096), 2, sparse=True)
@@ -266,7 +266,7 @@ def test_the_gpu_time_model(tmp_path: Path) -> None:
 def test_a_cuda_out_of_memory_is_one_line_naming_the_stage(tiny_model: Path) -> None:
     """The message a CUDA out-of-memory error becomes (neuqi.pipeline.tasks.on_device): the
     stage, the budget it ran under, and the smallest budget the job works in."""
-    from neuqi.checkpoint import Checkpoint
+    from neuqi.model.checkpoint import Checkpoint
     from neuqi.pipeline.tasks import out_of_memory
 
     config = QuantizeConfig(model=str(tiny_model), out="-", max_memory=20 * GiB)

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from helpers import TINY, assert_same_output, neuqi, neuqi_cmd, one_line_error, output_files
 
-from neuqi import faults
-from neuqi.models import LLAMA_LIKE
+from neuqi.model.layers import LLAMA_LIKE
 from neuqi.pipeline.store import JobStore
+from neuqi.util import faults
 
 OPTIONS = ["--bits", "3", "--group-size", "16", "--method", "neuqi-int", *TINY]
 LAYERS = 3  # tiny_llama

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuqi.errors import UserError
-from neuqi.solver import (
+from neuqi.quant.solver import (
     best_zero_point,
     dequantize,
     grouped_error,
     quantize_tensor,
     search_scale,
 )
+from neuqi.util.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from paper_reference import paper_search

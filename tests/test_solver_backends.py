@@ -1,4 +1,4 @@
-"""Every fast solver backend against the reference (the pure-torch search of neuqi.solver).
+"""Every fast solver backend against the reference (the pure-torch search of neuqi.quant.solver).
 
 A backend must give the reference's scale and zero-point per group, or, where two answers are
 (near) ties, the same loss: never above the reference's by more than 1e-6 relative. Losses are
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from neuqi import solver
-from neuqi.errors import UserError
-from neuqi.solver import quantize_tensor, resolve_backend
+from neuqi.quant import solver
+from neuqi.quant.solver import quantize_tensor, resolve_backend
+from neuqi.util.errors import UserError
 
 pytest.importorskip("numba")
 
@@ -151,7 +151,7 @@ def test_pair_bound_is_below_every_loss(kind, bits):
     zero-point ``z``, checked here on a dense grid of ``z`` over the whole range of codes, for
     every coarse scale of heavy-tailed and outlier groups (and the bound must be positive for
     the small scales, or nothing would be tested)."""
-    from neuqi.solver_numba import PAIR_LIMIT, _pair_bound, _pair_terms
+    from neuqi.quant.solver_numba import PAIR_LIMIT, _pair_bound, _pair_terms
 
     levels = 2**bits
     w = weights(kind, 8, 64, seed=bits).view(-1, 64)
@@ -188,7 +188,7 @@ def test_relaxed_bound_is_below_the_window_loss(kind, bits):
     weight (where ``f`` is steep at a clipping edge). These groups do not reproduce the bound
     error of commit 91236fe, which only a group of SmolLM2's layer 11 showed; they guard the
     bound's soundness."""
-    from neuqi.solver_numba import _bound_prefix_sums, _relaxed_bound, _relaxed_z0
+    from neuqi.quant.solver_numba import _bound_prefix_sums, _relaxed_bound, _relaxed_z0
 
     levels = 2**bits
     if kind == "massive":
@@ -288,7 +288,7 @@ def test_minmax_is_the_same_for_every_backend():
 NO_NUMBA = """
 import sys, torch
 sys.modules["numba"] = None  # as if numba were not installed
-from neuqi.solver import quantize_tensor
+from neuqi.quant.solver import quantize_tensor
 w = torch.randn(4, 64)
 for _ in range(2):
     q = quantize_tensor(w, None, bits=3, group_size=32)
@@ -320,7 +320,7 @@ def test_missing_numba_falls_back_once_on_one_line():
 NO_TRITON = """
 import sys, torch
 sys.modules["triton"] = None  # as if triton were not installed
-from neuqi.solver import resolve_backend
+from neuqi.quant.solver import resolve_backend
 print(resolve_backend("auto", torch.device("cuda")), resolve_backend("auto", "cuda:0"))
 try:
     resolve_backend("triton", "cuda")
@@ -339,7 +339,7 @@ def test_missing_triton_falls_back_once_on_one_line():
 def test_triton_kernel_on_long_groups_takes_the_reference(monkeypatch):
     """Groups longer than the kernel's MAX_GROUP are solved by the reference's code on the
     same device: the same result as the reference, bit for bit."""
-    import neuqi.solver_triton as st
+    import neuqi.quant.solver_triton as st
 
     monkeypatch.setattr(st, "MAX_GROUP", 64)
     w = weights("normal", 3, 96, seed=4)
@@ -398,8 +398,8 @@ import sys
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from neuqi import solver
-import neuqi.solver_triton as st
+from neuqi.quant import solver
+import neuqi.quant.solver_triton as st
 
 integer, arch = bool(int(sys.argv[1])), int(sys.argv[2])
 block_m, cb = st.block_sizes(128)

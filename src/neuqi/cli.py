@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from neuqi.allocator import tune_allocator
-from neuqi.errors import UserError
+from neuqi.util.allocator import tune_allocator
+from neuqi.util.errors import UserError
 
 
 def example(command: str) -> str:
@@ -116,7 +116,7 @@ CalibFieldOption = Annotated[str, typer.Option(help="The text field of --calib's
 
 
 def _log(as_json: bool) -> Any:
-    from neuqi.progress import Log
+    from neuqi.util.progress import Log
 
     return Log(err, "json" if as_json else "auto")
 
@@ -208,7 +208,7 @@ def quantize(
         method = Method.neuqi_int
     if format is not None and format.value.startswith("gguf"):
         _check_gguf_family(model)  # before the job, not after hours of solving
-    from neuqi.calib import stored_source
+    from neuqi.data.calib import stored_source
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
 
@@ -252,7 +252,8 @@ def _check_gguf_family(model: str) -> None:
         except Exception:  # noqa: BLE001 - offline, unknown repo, gated: quantize says which
             return
     if config.is_file():
-        from neuqi.export.gguf import check_family, check_tokenizer
+        from neuqi.formats.export.gguf import check_tokenizer
+        from neuqi.formats.export.gguf_layout import check_family
 
         try:
             values = json.loads(config.read_text(encoding="utf-8"))
@@ -448,7 +449,7 @@ def eval_(
 
 
 def _export(output: Path, fmt: ExportFormat, out: Path, model: str | None, device: str) -> None:
-    from neuqi.export import export as run
+    from neuqi.formats.export import export as run
 
     report = run(output, fmt.value, out.expanduser(), model, device,
                  lambda msg: err.print(msg, markup=False, highlight=False, soft_wrap=True))
@@ -501,8 +502,8 @@ def distill(
 ) -> None:
     """End-to-end distillation of OUTPUT's scales and zero-points (codes frozen) against the
     teacher's final hidden states. Run the same command again to resume."""
-    from neuqi.calib import stored_source
-    from neuqi.distill_e2e import distill_output
+    from neuqi.data.calib import stored_source
+    from neuqi.pipeline.distill_e2e import distill_output
 
     if Path(teacher).expanduser().exists():
         teacher = str(Path(teacher).expanduser().resolve())

@@ -7,7 +7,7 @@ predicted tokens (``seqlen - 1`` per window).
 
 The whole model is never in memory: the hidden states of all windows stay on the host between
 layers, and each decoder layer is built (from the checkpoint, or from the quantized output with
-its linears as :class:`~neuqi.loader.DequantLinear`), run over all windows in batches, and freed.
+its linears as :class:`~neuqi.formats.loader.DequantLinear`), run over all windows in batches, and freed.
 Computation is in float32.
 """
 
@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from neuqi.calib import read_text_file, window_prefix, with_prefix
-from neuqi.checkpoint import load_tokenizer
-from neuqi.errors import UserError
-from neuqi.families import embedding_from_weight
-from neuqi.models import (
+from neuqi.data.calib import read_text_file, window_prefix, with_prefix
+from neuqi.model.checkpoint import load_tokenizer
+from neuqi.model.families import embedding_from_weight
+from neuqi.model.layers import (
     LMHead,
     _family_class,
     arch_for,
@@ -39,6 +38,7 @@ from neuqi.models import (
     new_layer,
     position_embeddings_for,
 )
+from neuqi.util.errors import UserError
 
 __all__ = ["OutputModel", "eval_windows", "perplexity", "read_eval_text"]
 
@@ -100,7 +100,7 @@ class _CheckpointModel:
     """A full-precision checkpoint, as the blocks the streamed forward pass needs."""
 
     def __init__(self, model: str) -> None:
-        from neuqi.checkpoint import Checkpoint, resolve_model
+        from neuqi.model.checkpoint import Checkpoint, resolve_model
 
         self.ckpt = Checkpoint.open(resolve_model(model, "MODEL_OR_OUTPUT"))
         self.path = self.ckpt.path
@@ -120,12 +120,12 @@ class _CheckpointModel:
 class OutputModel:
     """A quantized neuqi output folder, built block by block like a checkpoint.
 
-    Quantized linears become :class:`~neuqi.loader.DequantLinear` modules (their biases, norms,
+    Quantized linears become :class:`~neuqi.formats.loader.DequantLinear` modules (their biases, norms,
     embeddings and unquantized weights come from the output's stored tensors, as float32).
     """
 
     def __init__(self, path: str | Path) -> None:
-        from neuqi.loader import NeuqiOutput, _load_config
+        from neuqi.formats.loader import NeuqiOutput, _load_config
 
         self.out = NeuqiOutput.open(path)
         self.path = self.out.path
@@ -233,7 +233,7 @@ class OutputModel:
 
 
 def _open(model_or_output: str) -> _CheckpointModel | OutputModel:
-    from neuqi.output import is_neuqi_output
+    from neuqi.formats.output import is_neuqi_output
 
     if is_neuqi_output(Path(model_or_output).expanduser()):
         return OutputModel(model_or_output)
@@ -319,7 +319,7 @@ def perplexity(
     missing or non-text data file, a text shorter than one window, bad sizes, or a reference
     with another vocabulary.
     """
-    from neuqi.devices import resolve_device
+    from neuqi.util.devices import resolve_device
 
     console = console or Console(stderr=True)
     _check_sizes(seqlen, max_windows, batch_size)

@@ -8,16 +8,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from neuqi.errors import UserError
-from neuqi.gptq import (
+from neuqi.model.moe import MOE_CALIBRATION
+from neuqi.quant.gptq import (
     BLOCK_SIZE,
     GPTQ_PARAMS,
     GPTQ_PARAMS_DEFAULT,
     GPTQ_REFIT_DEFAULT,
     LAZY_MINMAX,
 )
-from neuqi.moe import MOE_CALIBRATION
-from neuqi.solver import BACKENDS, METHODS, resolve_backend
+from neuqi.quant.solver import BACKENDS, METHODS, resolve_backend
+from neuqi.util.errors import UserError
 
 # What the README documents and the quality table measures; the solver itself takes 2..8 (the GGUF
 # export re-solves at 5 bits for Q5_1 / Q5_K).
@@ -47,10 +47,10 @@ class QuantizeConfig:
     sequential: bool = True
     dtype: str = "float32"  # compute and activation dtype
     batch_size: int = 8  # calibration windows per forward batch
-    gptq: bool = False  # GPTQ error compensation after the (s, z) of `method` (neuqi.gptq)
+    gptq: bool = False  # GPTQ error compensation after the (s, z) of `method` (neuqi.quant.gptq)
     act_order: bool = True  # GPTQ: columns by decreasing H_jj
     gptq_block_size: int = BLOCK_SIZE  # GPTQ: columns per lazy batch update
-    # GPTQ: when a group's (s, z) are solved (neuqi.gptq): "lazy" when GPTQ reaches the group's
+    # GPTQ: when a group's (s, z) are solved (neuqi.quant.gptq): "lazy" when GPTQ reaches the group's
     # first column, from the weights as compensated so far; "static" from the original weights
     gptq_params: str = GPTQ_PARAMS_DEFAULT
     # GPTQ: then each row keeps the better of that and GPTQ's lazy Min-Max (by output error), and
@@ -59,9 +59,9 @@ class QuantizeConfig:
     distill_steps: int = 0  # block-wise distillation steps per layer (0: none)
     distill_lr: float = 3e-4
     distill_norms: bool = False  # also train the RMSNorm weights
-    # implementation of the NeUQI search (neuqi.solver.BACKENDS); `resolved` makes it concrete
+    # implementation of the NeUQI search (neuqi.quant.solver.BACKENDS); `resolved` makes it concrete
     solver_backend: str = "auto"
-    # mixture of experts: each expert's Hessian from its routed tokens or from all (neuqi.moe)
+    # mixture of experts: each expert's Hessian from its routed tokens or from all (neuqi.model.moe)
     moe_calibration: str = "routed"
     # Not in the manifest (they never change the method, only how much is held at once):
     max_memory: int | None = None  # bytes of device memory (host on cpu); None: the default
@@ -117,7 +117,7 @@ class QuantizeConfig:
     def resolved(self, device: torch.device | str | None) -> QuantizeConfig:
         """This config with ``solver_backend`` made concrete for ``device`` (``reference`` when
         the method has no NeUQI search). The job records the concrete backend: the backends give
-        the same scale and zero-point up to ties (equal losses, see neuqi.solver_numba), not bit
+        the same scale and zero-point up to ties (equal losses, see neuqi.quant.solver_numba), not bit
         for bit, so a job resumed with another backend would not be the uninterrupted job, and
         `neuqi quantize` with another --solver-backend is refused like any other changed option."""
         backend = resolve_backend(self.solver_backend, device)

@@ -27,9 +27,9 @@ from typing import Any, Protocol, Self, TypeVar
 
 import torch
 
-from neuqi.allocator import tune_allocator
-from neuqi.devices import resolve_device
-from neuqi.errors import UserError
+from neuqi.util.allocator import tune_allocator
+from neuqi.util.devices import resolve_device
+from neuqi.util.errors import UserError
 
 T = TypeVar("T")
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from neuqi.architectures import arch_for
-from neuqi.durable import read_json
+from neuqi.model.architectures import arch_for
 from neuqi.pipeline.lock import WriterLock
 from neuqi.pipeline.manifest import local_root, read_manifest
 from neuqi.pipeline.records import read_records
+from neuqi.util.durable import read_json
 
 __all__ = ["job_status"]
 
@@ -22,7 +22,7 @@ __all__ = ["job_status"]
 def _model_config(model: str) -> dict[str, Any] | None:
     """The model's config.json, without resolving a hub id (None where it cannot be read)."""
     folder = Path(model).expanduser()
-    from neuqi.demo_model import BUILTIN, default_cache_dir
+    from neuqi.model.demo import BUILTIN, default_cache_dir
 
     if not folder.is_dir() and model in BUILTIN:
         folder = default_cache_dir(model)

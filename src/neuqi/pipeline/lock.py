@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from neuqi.durable import fsync, now, read_json
-from neuqi.errors import UserError
+from neuqi.util.durable import fsync, now, read_json
+from neuqi.util.errors import UserError
 
 try:  # POSIX only; without it the stale-lock takeover is merely less race-proof.
     import fcntl

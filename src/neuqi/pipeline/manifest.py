@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neuqi.durable import fsync, fsync_dirs_up, read_json
-from neuqi.errors import UserError
+from neuqi.util.durable import fsync, fsync_dirs_up, read_json
+from neuqi.util.errors import UserError
 
 #: Version of the store layout, saved in the root attributes.
 FORMAT_VERSION = 1

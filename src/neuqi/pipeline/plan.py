@@ -13,7 +13,7 @@ least, until every stage fits:
 4. rows of a weight solved at once, and rows per GPTQ call (the full Hessian and its inverse
    factor are unavoidable: they are the floor of a GPTQ job).
 
-A budget below the floor is refused before any work (:class:`~neuqi.errors.UserError`, exit 2),
+A budget below the floor is refused before any work (:class:`~neuqi.util.errors.UserError`, exit 2),
 naming the largest unavoidable piece and the smallest budget that works. The stages read the
 chosen knobs from the job's options (``QuantizeConfig.memory_knobs``, set by the runner), so a
 task on a dask worker holds what the plan said.
@@ -21,7 +21,7 @@ task on a dask worker holds what the plan said.
 The byte model follows the code (which tensors exist at once); its constants were measured on a
 CPU (``benchmarks/scale.py`` prints planned next to measured, ``tests/test_plan.py`` checks one).
 The time is an estimate from a probe of this machine: a matmul for the forward passes, the solver
-on one chunk of groups through :func:`neuqi.solver.quantize_tensor` (whatever its default backend
+on one chunk of groups through :func:`neuqi.quant.solver.quantize_tensor` (whatever its default backend
 is), and a small GPTQ call.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 GiB = 2**30
 MIN_MLP_CHUNK = 256  # tokens
@@ -55,7 +55,7 @@ def process_base() -> int:
     from importlib.util import find_spec
 
     return PROCESS_BASE + (TRITON_IMPORT if find_spec("triton") is not None else 0)
-# glibc's heap top the process keeps for reuse (neuqi.allocator's TOP_PAD): RSS that small
+# glibc's heap top the process keeps for reuse (neuqi.util.allocator's TOP_PAD): RSS that small
 # tensors (row blocks, chunks under 1 MiB) leave behind on the host
 ALLOCATOR_PAD = 256 * 2**20
 CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context, outside max_memory_allocated
@@ -65,7 +65,7 @@ SOLVE_WEIGHT = 7  # float32 copies of the weight rows solve_tensor works on at o
 SOLVER_WORKSET = int(0.8 * GiB)  # the NeUQI scale search's chunk of groups (not minmax)
 GPTQ_HESSIAN = 2.5  # float32 [in, in] copies gptq_quantize holds besides the given Hessian
 GPTQ_WEIGHT = 4  # float32 copies of the weight rows gptq_quantize holds
-REFIT_ELEMENTS = 2**23  # neuqi.gptq.REFIT_ELEMENTS: float64 of one --gptq-refit block (a test checks)
+REFIT_ELEMENTS = 2**23  # neuqi.quant.gptq.REFIT_ELEMENTS: float64 of one --gptq-refit block (a test checks)
 HOOK_ROWS_BYTES = 64 * 2**20  # the Hessian hook squares its input this many bytes at a time
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -179,7 +179,7 @@ def _hub_files(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def read_shape(model: str) -> ModelShape:
     """The checkpoint's shapes from config.json and its safetensors headers (no tensor data)."""
-    from neuqi.models import arch_for
+    from neuqi.model.layers import arch_for
 
     folder = Path(model).expanduser()
     if folder.is_dir():
@@ -370,7 +370,7 @@ def _stages(shape: ModelShape, opt: dict[str, Any], k: Knobs, cuda: bool) -> lis
             solve[f"GPTQ on {rows} rows (float32)"] = GPTQ_WEIGHT * rows * in_f * 4
         if opt.get("gptq_refit"):
             # the second (lazy Min-Max) GPTQ result and the row errors beside the first, and
-            # the refit's float64 block (neuqi.gptq.refit_params) with its einsum temporary
+            # the refit's float64 block (neuqi.quant.gptq.refit_params) with its einsum temporary
             solve["refit: second GPTQ result, its block"] = (
                 2 * rows * in_f * 4 + 2 * REFIT_ELEMENTS * 8)
     stages.append(Stage("solve", sum(solve.values()), host(sum(solve.values()), 2 * big * sb), solve))
@@ -509,7 +509,7 @@ def choose(shape: ModelShape, opt: dict[str, Any], budget: int, cuda: bool
 
 
 def check_group_sizes(shape: ModelShape, group_size: int) -> None:
-    from neuqi.solver import check_group_size
+    from neuqi.quant.solver import check_group_size
 
     for name, _, in_f in shape.linears:
         check_group_size(in_f, group_size, f"model.layers.*.{name}.weight")
@@ -523,7 +523,7 @@ def probe(device: str, method: str, dtype: str, group_size: int, gptq: bool) -> 
     groups through the public solver), GPTQ column-rows/s. A few seconds."""
     import torch
 
-    from neuqi.solver import CHUNK_ELEMENTS, COARSE_STEPS, quantize_tensor
+    from neuqi.quant.solver import CHUNK_ELEMENTS, COARSE_STEPS, quantize_tensor
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -560,7 +560,7 @@ def probe(device: str, method: str, dtype: str, group_size: int, gptq: bool) -> 
     out = {"matmul_flops": flops, "solver_weights_per_s": solver,
            "probed_on_cuda": float(dev.type == "cuda")}
     if gptq:
-        from neuqi.gptq import gptq_quantize
+        from neuqi.quant.gptq import gptq_quantize
 
         o, i = 256, 512
         w = torch.randn(o, i, generator=g)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from neuqi.durable import read_json
+from neuqi.util.durable import read_json
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _BAD_SUFFIXES = (".json", ".tmp", ".partial")

@@ -18,12 +18,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
-from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
-from neuqi.devices import resolve_device
-from neuqi.errors import UserError, disk_full_is_user_error
-from neuqi.moe import MOE_MIN_TOKENS
-from neuqi.output import check_output_target, is_neuqi_output
+from neuqi.data.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
+from neuqi.formats.output import check_output_target, is_neuqi_output
+from neuqi.model.checkpoint import Checkpoint, load_tokenizer, resolve_model
+from neuqi.model.moe import MOE_MIN_TOKENS
 from neuqi.pipeline import plan, tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir
 from neuqi.pipeline.executor import (
@@ -36,13 +34,15 @@ from neuqi.pipeline.executor import (
 from neuqi.pipeline.jobinfo import job_status
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
-from neuqi.progress import Log, Steps
-from neuqi.solver import check_group_size
+from neuqi.quant.solver import check_group_size
 from neuqi.stages.common import acts_name, fp_acts_name
 from neuqi.stages.forward import create_next_acts
 from neuqi.stages.gptq import hessian_name, hessians_name, raised_damping_note
 from neuqi.stages.hessian import batch_starts, write_hessian
 from neuqi.stages.pack import run_pack
+from neuqi.util.devices import resolve_device
+from neuqi.util.errors import UserError, disk_full_is_user_error
+from neuqi.util.progress import Log, Steps
 
 __all__ = ["KILL_AFTER_ENV", "Job", "quantize", "resolve_device", "resume", "status"]
 
@@ -54,7 +54,7 @@ def quantize(
     """Quantize ``config.model`` into ``config.out``, resuming the job store ``job`` if it exists
     (default: ``<out>.job``). ``scheduler``: None to compute in this process, ``local[:N]`` or a
     dask scheduler address to run the tasks on a dask cluster (same result). Progress goes to
-    ``console`` (a :class:`neuqi.progress.Log`, or a rich Console: a bar on a terminal, plain
+    ``console`` (a :class:`neuqi.util.progress.Log`, or a rich Console: a bar on a terminal, plain
     lines otherwise). After a complete run the job store's arrays are deleted (its options and
     completion records stay, so a rerun says it is complete) unless ``keep_job``. Returns the
     output folder."""

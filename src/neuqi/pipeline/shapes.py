@@ -3,7 +3,7 @@
 `neuqi plan` reads the safetensors headers; a folder holding only config.json (the published
 configs in ``tests/data/configs``) is planned from this table instead: one decoder layer of each
 kind (dense, mixture of experts) is built on the meta device with transformers' own modelling
-code and the checkpoint's per-expert names (:func:`neuqi.models.new_layer`), and its tensors are
+code and the checkpoint's per-expert names (:func:`neuqi.model.layers.new_layer`), and its tensors are
 repeated for every layer of that kind. An FP8 config (``quantization_config.quant_method`` fp8,
 as DeepSeek-V3's) stores the decoder-layer linears as ``F8_E4M3`` with their float32
 ``weight_scale_inv`` block scales, as the published checkpoint does.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 _ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -23,7 +23,7 @@ def tensors_from_config(config: dict[str, Any], where: str) -> dict[str, dict[st
     """Tensor name -> ``{"dtype", "shape"}`` of the checkpoint ``config`` describes."""
     from transformers import AutoConfig
 
-    from neuqi.models import arch_for, new_layer
+    from neuqi.model.layers import arch_for, new_layer
 
     arch = arch_for(config)  # the one-line refusal of an unsupported family first
     try:

@@ -22,7 +22,7 @@ on ``fsync``, ``rename`` and process ids of this host.
 
 The pieces, one module each: :mod:`neuqi.pipeline.manifest` (the root ``zarr.json``, the format
 version, the manifest check), :mod:`neuqi.pipeline.lock` (the writer lock),
-:mod:`neuqi.pipeline.arrays` (tensors as zarr arrays), :mod:`neuqi.durable` (fsync, atomic JSON).
+:mod:`neuqi.pipeline.arrays` (tensors as zarr arrays), :mod:`neuqi.util.durable` (fsync, atomic JSON).
 This module holds the completion records and the array operations, behind :class:`JobStore`.
 """
 
@@ -41,8 +41,6 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from neuqi import faults
-from neuqi.durable import fsync, fsync_dirs_up, now, read_json, write_json_atomic
 from neuqi.pipeline import arrays as arr
 from neuqi.pipeline.lock import WriterLock
 from neuqi.pipeline.manifest import (
@@ -54,6 +52,8 @@ from neuqi.pipeline.manifest import (
     refuse_other,
 )
 from neuqi.pipeline.records import check_name, check_prefix, natural_key, read_records
+from neuqi.util import faults
+from neuqi.util.durable import fsync, fsync_dirs_up, now, read_json, write_json_atomic
 
 __all__ = ["FORMAT_VERSION", "JobStore"]
 

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.errors import UserError
-from neuqi.models import build_layer, build_rotary
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.layers import build_layer, build_rotary
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import dequantize
+from neuqi.quant.solver import dequantize
 from neuqi.stages.common import distilled_norms, h_name, quant_params
 from neuqi.stages.distill import load_distilled_norms, run_distill, run_forward_fp
 from neuqi.stages.embed import run_embed
@@ -34,6 +33,7 @@ from neuqi.stages.gptq import hessian_name, read_hessian, run_gptq_solve
 from neuqi.stages.hessian import BatchSums, batch_sums, write_full_hessians
 from neuqi.stages.layer import load_layer
 from neuqi.stages.solve import run_solve
+from neuqi.util.errors import UserError
 
 # Fault injection for the crash tests: SIGKILL this process after that many completion records.
 KILL_AFTER_ENV = "NEUQI_FAULT_KILL_AFTER_RECORDS"

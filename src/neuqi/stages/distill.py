@@ -6,7 +6,7 @@
 ``distill``: with the codes frozen, this layer's scales and zero-points (optionally its RMSNorm
 weights) are trained so that the layer on the quantized model's inputs (``acts/i``) matches the
 full-precision layer on the full-precision inputs (mean squared error, batch 1, AdamW with the
-recipe of :mod:`neuqi.distill`). The trained parameters are stored beside the solved ones
+recipe of :mod:`neuqi.quant.distill`). The trained parameters are stored beside the solved ones
 (``.../scale_d``, ``.../zero_point_d``, ``layers/i/norm/...``) and used by the sequential forward
 and by pack once the ``distill/i`` record exists (:func:`neuqi.stages.common.quant_params`).
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuqi.distill import DistillSettings, Trainer, trainable_parameters, with_quant_linears
-from neuqi.models import ArchSpec, layer_forward, position_embeddings_for
+from neuqi.model.layers import ArchSpec, layer_forward, position_embeddings_for
 from neuqi.pipeline.store import JobStore
+from neuqi.quant.distill import DistillSettings, Trainer, trainable_parameters, with_quant_linears
 from neuqi.stages.common import (
     acts_name,
     batches,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.models import build_embedding
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.layers import build_embedding
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import acts_name
 

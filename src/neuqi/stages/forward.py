@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neuqi.models import layer_forward, position_embeddings_for
+from neuqi.model.layers import layer_forward, position_embeddings_for
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import acts_name
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from neuqi.gptq import DAMP, LAZY_MINMAX, gptq_quantize, refine
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import quantize_tensor
+from neuqi.quant.gptq import DAMP, LAZY_MINMAX, gptq_quantize, refine
+from neuqi.quant.solver import quantize_tensor
 from neuqi.stages.common import Q_PARTS, q_name
 from neuqi.stages.solve import row_blocks
 
@@ -77,7 +77,7 @@ def run_gptq_solve(
     ``h_diag``, solved once from the original weight (``params`` "static") or when GPTQ reaches
     the group, from the weights as compensated so far ("lazy"; ``minmax-lazy`` always is). With
     ``refit``, each row then keeps the better (by output error) of that and GPTQ's lazy Min-Max,
-    and its scales and zero-points are re-solved with the codes fixed (``neuqi.gptq.refine``).
+    and its scales and zero-points are re-solved with the codes fixed (``neuqi.quant.gptq.refine``).
     Stores codes/scale/zero_point/loss as `run_solve` does (loss: ``sum_i h_i (w_i - ŵ_i)²`` per
     group, the same definition) and returns the array names and the record's info: ``loss`` (its
     total), ``output_error`` (``tr(ΔHΔᵀ)``, what GPTQ minimises) and ``damp`` (the dampening

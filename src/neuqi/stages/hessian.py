@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuqi.models import ArchSpec, layer_forward, position_embeddings_for
-from neuqi.moe import MOE_MIN_TOKENS, calibrate_all_tokens
+from neuqi.model.layers import ArchSpec, layer_forward, position_embeddings_for
+from neuqi.model.moe import MOE_MIN_TOKENS, calibrate_all_tokens
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import acts_name, h_name
 from neuqi.stages.gptq import accumulate_hessian, hessian_name

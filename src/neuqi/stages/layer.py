@@ -1,7 +1,7 @@
 """A decoder layer held within a memory budget (:class:`neuqi.pipeline.plan.Knobs`).
 
 :func:`load_layer` gives the layer the stages run: transformers' own decoder layer, either whole
-on the device (:func:`neuqi.models.build_layer`), or with its linears brought to the device one at
+on the device (:func:`neuqi.model.layers.build_layer`), or with its linears brought to the device one at
 a time (``linear_at_a_time``: each linear's weight is read when the linear runs and dropped after
 it, so the device holds the norms, the biases and one linear). The MLP may run over its tokens in
 chunks (``mlp_chunk``), so its intermediate activations never exist for the whole batch at once;
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.models import build_layer, new_layer
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.model.layers import build_layer, new_layer
 
 #: linear name (relative to the layer) -> its weight on the device, in the compute dtype
 WeightSource = Callable[[str], torch.Tensor]

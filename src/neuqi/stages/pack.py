@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.output import OutputWriter
+from neuqi.formats.output import OutputWriter
+from neuqi.model.checkpoint import Checkpoint
 from neuqi.pipeline.store import JobStore
 from neuqi.stages.common import distilled_norms, h_name, quant_params
 

@@ -7,7 +7,7 @@ import math
 import torch
 
 from neuqi.pipeline.store import JobStore
-from neuqi.solver import CHUNK_ELEMENTS, COARSE_STEPS, quantize_tensor
+from neuqi.quant.solver import CHUNK_ELEMENTS, COARSE_STEPS, quantize_tensor
 from neuqi.stages.common import Q_PARTS, q_name
 
 
@@ -52,7 +52,7 @@ def run_solve(
 ) -> tuple[list[str], float]:
     """Quantize ``weight`` with ``h_diag`` (``rows`` rows at a time, in ``dtype``: the memory
     budget's), store codes/scale/zero_point/loss; return the array names and the total weighted
-    loss. ``backend``: the solver's (neuqi.solver.BACKENDS)."""
+    loss. ``backend``: the solver's (neuqi.quant.solver.BACKENDS)."""
     parts = solve_rows(weight, h_diag, bits=bits, group_size=group_size, method=method,
                        device=device, weight_name=weight_name, rows=rows, dtype=dtype,
                        backend=backend)

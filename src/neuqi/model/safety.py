@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 __all__ = ["JSON_FILES", "check_path_fields"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 
 def resolve_device(device: str) -> torch.device:

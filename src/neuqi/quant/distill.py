@@ -4,7 +4,7 @@ With the integer codes frozen, only the per-group scales and zero-points (and op
 RMSNorm weights) are trained, by AdamW on the mean squared error between the quantized and the
 full-precision hidden states. This module is the training code only: device-agnostic, no job
 store I/O (the block-wise stage is :mod:`neuqi.stages.distill`, the end-to-end command is
-:mod:`neuqi.distill_e2e`).
+:mod:`neuqi.pipeline.distill_e2e`).
 
 Recipe (defaults, from the paper): AdamW, lr 3e-4, betas (0.9, 0.95), no weight decay, batch 1,
 cosine schedule with a linear warm-up over the first 10% of the steps. The order of the samples is
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuqi.errors import UserError
-from neuqi.solver import dequantize
+from neuqi.quant.solver import dequantize
+from neuqi.util.errors import UserError
 
 __all__ = [
     "DistillSettings",
@@ -92,7 +92,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_dequant(cls, module: nn.Module) -> QuantLinear:
-        """From a :class:`neuqi.loader.DequantLinear` (codes shared, scales/zeros copied)."""
+        """From a :class:`neuqi.formats.loader.DequantLinear` (codes shared, scales/zeros copied)."""
         return cls(module.codes, module.scales, module.zeros, module.group_size, module.bias)
 
     def weight_hat(self, dtype: torch.dtype) -> torch.Tensor:

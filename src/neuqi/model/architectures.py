@@ -1,7 +1,7 @@
 """Supported architectures, as data: tensor names and the linear layout of each family.
 
-Pure data and a lookup; no torch modules. :mod:`neuqi.checkpoint` reads names from here and
-:mod:`neuqi.models` builds the blocks, so both depend on this module and not on each other. A new
+Pure data and a lookup; no torch modules. :mod:`neuqi.model.checkpoint` reads names from here and
+:mod:`neuqi.model.layers` builds the blocks, so both depend on this module and not on each other. A new
 model family starts here: an :class:`ArchSpec` (or a family added to one) and its place in
 :data:`ARCHITECTURES`.
 """
@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 __all__ = [
     "ARCHITECTURES", "GEMMA", "GEMMA2", "GEMMA3", "LLAMA_LIKE", "MOE_FAMILIES", "PHI3",
@@ -72,7 +72,7 @@ class ArchSpec:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
-    # What the dense families beyond LLaMA change (:mod:`neuqi.families` acts on these):
+    # What the dense families beyond LLaMA change (:mod:`neuqi.model.families` acts on these):
     # model_type -> transformers.models.<module>, where they differ (gemma3_text -> gemma3).
     modules: tuple[tuple[str, str], ...] = ()
     scaled_embedding: bool = False  # embeddings times sqrt(hidden), in the model dtype (Gemma)

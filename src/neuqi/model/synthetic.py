@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -190,7 +190,7 @@ def write_tokenizer(folder: Path, vocab: int, seqlen: int = 2048) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from neuqi.calib import load_calibration_text
+    from neuqi.data.calib import load_calibration_text
 
     text = load_calibration_text(None)[:TOKENIZER_TEXT_CHARS]
     tok = Tokenizer(models.BPE())
@@ -333,8 +333,8 @@ def build_from_config(folder: Path, config: object, *, seed: int = 0,
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from neuqi.architectures import arch_for
-    from neuqi.moe import unfuse_experts
+    from neuqi.model.architectures import arch_for
+    from neuqi.model.moe import unfuse_experts
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

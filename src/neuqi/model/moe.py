@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neuqi.architectures import ArchSpec
+from neuqi.model.architectures import ArchSpec
 
 __all__ = [
     "MOE_CALIBRATION",

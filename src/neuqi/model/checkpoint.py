@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from neuqi.architectures import ArchSpec, arch_for
-from neuqi.errors import UserError
-from neuqi.safety import check_path_fields
+from neuqi.model.architectures import ArchSpec, arch_for
+from neuqi.model.safety import check_path_fields
+from neuqi.util.errors import UserError
 
 __all__ = ["FP8_SCALE", "HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
 
@@ -142,7 +142,7 @@ class Checkpoint:
 
     Attributes: ``path`` (the folder), ``config`` (transformers config, attention set to SDPA, or
     eager where the family soft-caps attention),
-    ``arch`` (:class:`~neuqi.architectures.ArchSpec`).
+    ``arch`` (:class:`~neuqi.model.architectures.ArchSpec`).
     """
 
     path: Path
@@ -454,7 +454,7 @@ def resolve_model(model: str, arg: str = "MODEL") -> Path:
     local = Path(model).expanduser()
     if local.is_dir():
         return local
-    from neuqi.demo_model import BUILTIN, ensure_builtin
+    from neuqi.model.demo import BUILTIN, ensure_builtin
 
     if model in BUILTIN:
         return ensure_builtin(model)

@@ -1,5 +1,5 @@
 """The blocks that run a model one decoder layer at a time (architectures as data:
-:mod:`neuqi.architectures`, re-exported here).
+:mod:`neuqi.model.architectures`, re-exported here).
 
 Every block takes an explicit ``device`` and ``dtype``; nothing here moves tensors on its own.
 The decoder layer, RMSNorm and rotary classes are transformers' own, so the streamed forward pass
@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from neuqi.architectures import (
+from neuqi.model.architectures import (
     ARCHITECTURES,
     LLAMA_LIKE,
     SUPPORTED_FAMILIES,
     ArchSpec,
     arch_for,
 )
-from neuqi.errors import UserError
-from neuqi.families import embedding_from_weight, layer_embeddings, rotary_tables, softcap
+from neuqi.model.families import embedding_from_weight, layer_embeddings, rotary_tables, softcap
+from neuqi.util.errors import UserError
 
 if TYPE_CHECKING:
-    from neuqi.checkpoint import Checkpoint
+    from neuqi.model.checkpoint import Checkpoint
 
 __all__ = [
     "ARCHITECTURES",
@@ -65,8 +65,8 @@ def decoder_layer_class(config: Any) -> type[nn.Module]:
 def new_layer(config: Any, index: int, arch: ArchSpec | None = None) -> nn.Module:
     """Decoder layer ``index`` of ``config``'s family on the meta device, a mixture of experts
     with one linear per expert projection under ``arch``'s names (a checkpoint's
-    ``Checkpoint.arch``; default: the family's published names; :func:`neuqi.moe.unfuse_experts`)."""
-    from neuqi.moe import unfuse_experts
+    ``Checkpoint.arch``; default: the family's published names; :func:`neuqi.model.moe.unfuse_experts`)."""
+    from neuqi.model.moe import unfuse_experts
 
     with torch.device("meta"):
         layer = decoder_layer_class(config)(config, index)

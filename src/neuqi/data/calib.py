@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 SHIPPED_CALIBRATION = "calibration.txt.gz"
 """Name of the shipped calibration text in ``neuqi/data`` (Pride and Prejudice, gzip)."""

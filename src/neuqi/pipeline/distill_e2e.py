@@ -27,17 +27,17 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from neuqi.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
-from neuqi.checkpoint import Checkpoint, load_tokenizer, resolve_model
-from neuqi.distill import DistillSettings, QuantLinear, Trainer, trainable_parameters
-from neuqi.errors import UserError
-from neuqi.models import build_head, build_layer, build_rotary
-from neuqi.output import OutputWriter, check_output_target, is_neuqi_output
+from neuqi.data.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
+from neuqi.formats.output import OutputWriter, check_output_target, is_neuqi_output
+from neuqi.model.checkpoint import Checkpoint, load_tokenizer, resolve_model
+from neuqi.model.layers import build_head, build_layer, build_rotary
 from neuqi.pipeline.store import JobStore
+from neuqi.quant.distill import DistillSettings, QuantLinear, Trainer, trainable_parameters
 from neuqi.stages.common import acts_name, batches
 from neuqi.stages.embed import run_embed
 from neuqi.stages.forward import run_forward
 from neuqi.stages.pack import shard_bytes
+from neuqi.util.errors import UserError
 
 __all__ = ["KILL_AFTER_STEPS_ENV", "distill_output"]
 
@@ -66,8 +66,8 @@ def distill_output(
     """Distil the quantized output ``output`` against ``teacher`` into ``out`` (default
     ``<output>-distilled``), using (and resuming) the job store ``job`` (default ``<out>.job``).
     Returns the new output folder."""
-    from neuqi.devices import resolve_device
-    from neuqi.loader import NeuqiOutput, load_quantized
+    from neuqi.formats.loader import NeuqiOutput, load_quantized
+    from neuqi.util.devices import resolve_device
 
     console = console or Console(stderr=True)
     settings = DistillSettings(steps=steps, lr=lr, seed=seed)

@@ -13,7 +13,7 @@ Layout of an output folder (format ``neuqi-v1``)::
 A quantized linear whose weight is ``<prefix>.weight`` is stored as three tensors:
 
 * ``<prefix>.qweight``: uint8 ``[out, ceil(in*bits/8)]``, codes packed by
-  :func:`neuqi.packing.pack_codes` (dense little-endian bit stream per row);
+  :func:`neuqi.quant.packing.pack_codes` (dense little-endian bit stream per row);
 * ``<prefix>.scales``: float32 ``[out, n_groups]``;
 * ``<prefix>.zeros``: float32 ``[out, n_groups]`` (float zero-points);
 
@@ -39,15 +39,15 @@ from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
-from neuqi import faults
-from neuqi.durable import fsync
-from neuqi.errors import UserError
-from neuqi.packing import pack_codes
+from neuqi.quant.packing import pack_codes
+from neuqi.util import faults
+from neuqi.util.durable import fsync
+from neuqi.util.errors import UserError
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from neuqi.checkpoint import Checkpoint
+    from neuqi.model.checkpoint import Checkpoint
 
 __all__ = [
     "FORMAT",

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.solver import METHODS, check_weight, dequantize, minmax_params, quantize_tensor
+from neuqi.quant.solver import METHODS, check_weight, dequantize, minmax_params, quantize_tensor
 
 LAZY_MINMAX = "minmax-lazy"  # method name of the original GPTQ's lazy per-group Min-Max
 # When GPTQ solves a group's (s, z) (`neuqi quantize --gptq-params`): "lazy" when it reaches the

@@ -2,7 +2,7 @@
 
 The decoder layers, norms and rotary tables stay transformers' classes (Gemma's ``(1 + weight)``
 RMSNorm, its sandwich norms and attention soft-capping live in them). What a streamed forward
-builds outside the layers is here, driven by the :class:`~neuqi.architectures.ArchSpec` fields:
+builds outside the layers is here, driven by the :class:`~neuqi.model.architectures.ArchSpec` fields:
 
 * the scaled token embedding (Gemma: ``embed * sqrt(hidden)``, the factor rounded to the model's
   dtype as transformers does, so a bfloat16 Gemma gets 55.5 for 3072, as it was trained);
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuqi.architectures import ArchSpec
+from neuqi.model.architectures import ArchSpec
 
 __all__ = [
     "ScaledEmbedding", "embedding_from_weight", "embedding_scale", "layer_embeddings",

@@ -1,6 +1,6 @@
 """What every export format shares: the native output as input, the weighted loss, atomic targets.
 
-A native neuqi output (:mod:`neuqi.output`) is the reference: per group ``ŵ = s * (q - z)`` with a
+A native neuqi output (:mod:`neuqi.formats.output`) is the reference: per group ``ŵ = s * (q - z)`` with a
 float scale and a float zero-point, nothing rounded. An export format stores the same linear
 under its own constraints; what it loses is measured with the calibration weighting the solve
 used, ``L = sum_j h_j (w_ij - ŵ_ij)²`` over the original weights ``w`` (``h``: the Hessian
@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from neuqi.checkpoint import Checkpoint
-from neuqi.durable import fsync
-from neuqi.errors import UserError
-from neuqi.loader import DequantLinear, NeuqiOutput
-from neuqi.output import HESSIAN_FILE
+from neuqi.formats.loader import DequantLinear, NeuqiOutput
+from neuqi.formats.output import HESSIAN_FILE
+from neuqi.model.checkpoint import Checkpoint
+from neuqi.util.durable import fsync
+from neuqi.util.errors import UserError
 
 __all__ = [
     "AtomicTarget",
@@ -67,7 +67,7 @@ class NativeLinear:
         return self.codes.shape[1] if self.group_size == -1 else self.group_size
 
     def dequantized(self) -> torch.Tensor:
-        from neuqi.solver import dequantize
+        from neuqi.quant.solver import dequantize
 
         return dequantize(self.codes, self.scale, self.zero_point, self.group_size)
 

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from neuqi import faults
+from neuqi.util import faults
 
 
 def fsync(path: Path, *, directory: bool = False) -> None:

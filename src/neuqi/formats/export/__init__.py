@@ -3,15 +3,15 @@
 Formats (``FORMATS``):
 
 * ``compressed-tensors``: transformers / vLLM ``pack-quantized``, integer zero-points
-  (:mod:`neuqi.export.compressed_tensors`);
+  (:mod:`neuqi.formats.export.compressed_tensors`);
 * ``gguf-q4_1`` / ``gguf-q5_1``: llama.cpp blocks of 32 with a float scale and a float offset,
   NeUQI's own form (lossless up to fp16 block parameters); ``gguf-q4_k`` / ``gguf-q5_k`` /
   ``gguf-q2_k``: K-quants, solved under their quantized sub-block scales and minimums
-  (:mod:`neuqi.export.gguf`); ``gguf`` picks Q4_1 or Q5_1 from the output's bits.
+  (:mod:`neuqi.formats.export.gguf`); ``gguf`` picks Q4_1 or Q5_1 from the output's bits.
 
 The export streams one tensor at a time, writes under a temporary name and renames at the end.
 For every format it measures the weighted loss ``sum h (w - ŵ)²`` the format adds over the native
-result (needs the source checkpoint; see :class:`~neuqi.export.common.ExportSource`).
+result (needs the source checkpoint; see :class:`~neuqi.formats.export.common.ExportSource`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from neuqi.errors import UserError
-from neuqi.export.common import ExportSource, weighted_loss
+from neuqi.formats.export.common import ExportSource, weighted_loss
+from neuqi.util.errors import UserError
 
 __all__ = ["FORMATS", "ExportReport", "export"]
 
@@ -90,10 +90,10 @@ def _bytes(path: Path) -> int:
 
 def _exporter(fmt: str, source: ExportSource, out: Path) -> Any:
     if fmt == "compressed-tensors":
-        from neuqi.export.compressed_tensors import CompressedTensorsExporter
+        from neuqi.formats.export.compressed_tensors import CompressedTensorsExporter
 
         return CompressedTensorsExporter(source, out)
-    from neuqi.export.gguf import GGUFExporter, default_type
+    from neuqi.formats.export.gguf import GGUFExporter, default_type
 
     qtype = default_type(source) if fmt == "gguf" else fmt.removeprefix("gguf-").upper()
     return GGUFExporter(source, out, qtype)

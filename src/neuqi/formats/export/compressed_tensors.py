@@ -13,7 +13,7 @@ takes int8 values only and the loader unpacks the zero-point as integers (``zp_d
 only when initialising the parameters; ``pack_to_int32`` rejects anything but int8). So a job meant
 for this format is solved with ``--method neuqi-int`` (exported without change, up to the cast of
 the scale to the model's dtype). A float zero-point output (``--method neuqi``) is re-solved here
-with integer zero-points, NeUQI-int (:func:`neuqi.solver.quantize_tensor`), from the original
+with integer zero-points, NeUQI-int (:func:`neuqi.quant.solver.quantize_tensor`), from the original
 weights and the Hessian diagonal the output stores: what a ``--method neuqi-int`` job would have
 written for that linear. Rounding the float zero-point instead costs several times more (the codes
 were chosen for the float one); it is done only when the original weights are not available.
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from neuqi.errors import UserError
-from neuqi.export.common import AtomicTarget, ExportSource, NativeLinear
-from neuqi.output import HESSIAN_FILE, INDEX_FILE, META_FILE
+from neuqi.formats.export.common import AtomicTarget, ExportSource, NativeLinear
+from neuqi.formats.output import HESSIAN_FILE, INDEX_FILE, META_FILE
+from neuqi.util.errors import UserError
 
 MARKER = "neuqi-export.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,7 +52,7 @@ def resolve_integer(lin: NativeLinear, device: torch.device | str = "cpu",
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes, scale and integer zero-point of ``lin`` solved by NeUQI-int from its original
     weights and stored Hessian diagonal (``lin.weight`` must be there)."""
-    from neuqi.solver import quantize_tensor
+    from neuqi.quant.solver import quantize_tensor
 
     assert lin.weight is not None
     q = quantize_tensor(lin.weight, lin.h_diag, bits=lin.bits, group_size=lin.group_size,
@@ -128,7 +128,7 @@ class CompressedTensorsExporter:
                   _pack_int32(z.to(torch.int16) - offset, bits, packed_dim=0))
         self._put(f"{prefix}.weight_shape", torch.tensor(list(lin.codes.shape), dtype=torch.int64))
         self._schemes.setdefault((bits, lin.group_size), []).append(prefix)
-        from neuqi.solver import dequantize
+        from neuqi.quant.solver import dequantize
 
         return dequantize(codes, scale.to(torch.float32), z, lin.group_size)
 

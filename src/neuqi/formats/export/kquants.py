@@ -12,7 +12,7 @@ both are restricted to grids. Rounding NeUQI's free ``s`` and ``s·z`` onto thos
 fact loses accuracy where the grids are coarse; :func:`solve_kquant` instead searches, for each
 sub-block, the representable scales next to NeUQI's (``sc = round(s/d) + k``, ``|k| <=
 SCALE_RADIUS``), and for each the representable offsets next to the best continuous offset at that
-scale (NeUQI's zero-point step, :func:`neuqi.solver.best_zero_point`), and keeps the pair with the
+scale (NeUQI's zero-point step, :func:`neuqi.quant.solver.best_zero_point`), and keeps the pair with the
 least weighted loss ``sum h (w - ŵ)²``, codes re-rounded for each pair. The pair that rounding
 after the fact would give is among the candidates, so the result is never worse than it.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.solver import best_zero_point, quantize_tensor
+from neuqi.quant.solver import best_zero_point, quantize_tensor
 
 SUPER = 256  # weights per super-block (QK_K in ggml)
 SCALE_RADIUS = 2  # representable scales tried on each side of round(s / d)

@@ -1,4 +1,4 @@
-"""Read a neuqi output folder (see :mod:`neuqi.output`) back: tensors, dequantized weights, a model.
+"""Read a neuqi output folder (see :mod:`neuqi.formats.output`) back: tensors, dequantized weights, a model.
 
 * :class:`NeuqiOutput` — the validated folder: metadata, raw stored tensors, dequantized weights.
 * :class:`DequantLinear` — a linear layer holding codes, scales and zero-points; it dequantizes
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuqi.architectures import arch_for
-from neuqi.errors import UserError
-from neuqi.output import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE
-from neuqi.packing import packed_size, unpack_codes
-from neuqi.solver import dequantize
+from neuqi.formats.output import FORMAT, FORMAT_VERSION, INDEX_FILE, META_FILE
+from neuqi.model.architectures import arch_for
+from neuqi.quant.packing import packed_size, unpack_codes
+from neuqi.quant.solver import dequantize
+from neuqi.util.errors import UserError
 
 __all__ = ["DequantLinear", "NeuqiOutput", "load_quantized", "read_dequantized"]
 
@@ -321,7 +321,7 @@ def load_quantized(
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, attn_implementation=arch.attn_implementation(config)
         )
-    from neuqi.moe import unfuse_experts
+    from neuqi.model.moe import unfuse_experts
 
     unfuse_experts(model, arch)  # MoE: one linear per expert projection, as stored
 

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 Method = Literal["minmax", "neuqi-int", "neuqi"]
 METHODS: tuple[str, ...] = ("minmax", "neuqi-int", "neuqi")
@@ -118,7 +118,7 @@ def check_weight(
     weight: Tensor, bits: int, group_size: int, name: str = "weight",
     h_diag: Tensor | None = None,
 ) -> tuple[int, int, int]:
-    """The argument checks shared by :func:`quantize_tensor` and :func:`neuqi.gptq.gptq_quantize`:
+    """The argument checks shared by :func:`quantize_tensor` and :func:`neuqi.quant.gptq.gptq_quantize`:
     bits in range, a 2-D weight, a group size that divides its input dimension and (if given) an
     ``h_diag`` of one value per input channel. Returns ``(out_features, in_features, group
     length)``."""
@@ -137,8 +137,8 @@ def check_weight(
 # ----------------------------------------------------------------------------------------------
 
 # reference: this module's torch code, the definition (any device). numba: the same search
-# compiled for the CPU (neuqi.solver_numba; same scale/zero per group up to ties, see there).
-# triton: the same search as a triton kernel for CUDA devices (neuqi.solver_triton; same
+# compiled for the CPU (neuqi.quant.solver_numba; same scale/zero per group up to ties, see there).
+# triton: the same search as a triton kernel for CUDA devices (neuqi.quant.solver_triton; same
 # criterion), which also runs in triton's interpreter on CPU tensors (TRITON_INTERPRET=1).
 # auto: numba for a CPU device and triton for a CUDA one when they import, else the reference.
 BACKENDS: tuple[str, ...] = ("auto", "reference", "numba", "triton")
@@ -156,12 +156,12 @@ def _kernel_imports(module: str) -> bool:
 
 def numba_available() -> bool:
     """Whether the numba backend can be used here (numba imports)."""
-    return _kernel_imports("neuqi.solver_numba")
+    return _kernel_imports("neuqi.quant.solver_numba")
 
 
 def triton_available() -> bool:
     """Whether the triton backend can be used here (triton imports)."""
-    return _kernel_imports("neuqi.solver_triton")
+    return _kernel_imports("neuqi.quant.solver_triton")
 
 
 def triton_interpreted() -> bool:
@@ -564,9 +564,9 @@ def compiled_window_step(x: Tensor, h: Tensor, z0: Tensor, levels: int) -> Tenso
 
 
 def _search_numba(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Tensor, Tensor]:
-    """:func:`search_scale` by the compiled CPU kernel (:mod:`neuqi.solver_numba`), started from
+    """:func:`search_scale` by the compiled CPU kernel (:mod:`neuqi.quant.solver_numba`), started from
     this module's own sort, prefix sums and Min-Max scale."""
-    from neuqi.solver_numba import search_scale_numba
+    from neuqi.quant.solver_numba import search_scale_numba
 
     w = w.to(device="cpu", dtype=torch.float32).contiguous()
     h = h.to(device="cpu", dtype=torch.float32).contiguous()
@@ -579,11 +579,11 @@ def _search_numba(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Ten
 
 
 def _search_triton(w: Tensor, h: Tensor, levels: int, integer: bool) -> tuple[Tensor, Tensor]:
-    """:func:`search_scale` by the triton kernel (:mod:`neuqi.solver_triton`) on ``w``'s device,
+    """:func:`search_scale` by the triton kernel (:mod:`neuqi.quant.solver_triton`) on ``w``'s device,
     started from this module's own sort, prefix sums and Min-Max scale. Groups longer than the
     kernel's ``MAX_GROUP`` (per-channel quantization of wide layers) take the reference's code on
     the same device."""
-    from neuqi.solver_triton import MAX_GROUP, search_scale_triton
+    from neuqi.quant.solver_triton import MAX_GROUP, search_scale_triton
 
     w = w.to(torch.float32).contiguous()
     h = h.to(torch.float32).contiguous()
@@ -621,8 +621,8 @@ def quantize_tensor(
 
     ``backend`` (:data:`BACKENDS`, see :func:`resolve_backend`) picks the implementation of the
     NeUQI search: ``reference`` is this module's torch code (``compile`` applies to it only),
-    ``numba`` the compiled CPU kernel of :mod:`neuqi.solver_numba` (it computes on the CPU and
-    returns its results on ``device``), ``triton`` the GPU kernel of :mod:`neuqi.solver_triton`
+    ``numba`` the compiled CPU kernel of :mod:`neuqi.quant.solver_numba` (it computes on the CPU and
+    returns its results on ``device``), ``triton`` the GPU kernel of :mod:`neuqi.quant.solver_triton`
     (on ``device``, a chunk of ``TRITON_CHUNK_ELEMENTS`` weights a launch). Min-Max is the same code for every backend.
     """
     if method not in METHODS:

@@ -1,6 +1,6 @@
 """The NeUQI scale search compiled with numba: one group at a time, groups in parallel on the CPU.
 
-It computes what :func:`neuqi.solver.search_scale` (the reference, pure torch) defines, group by
+It computes what :func:`neuqi.quant.solver.search_scale` (the reference, pure torch) defines, group by
 group, with less work:
 
 - the relaxed step (``z₀``) is the reference's own bisection, in the same float32 arithmetic on
@@ -12,7 +12,7 @@ group, with less work:
   ``h w`` and ``h w²`` (:func:`_relaxed_bound`); a candidate whose bound cannot beat the best
   loss found is skipped (branch and bound: the argmin does not change), and the coarse grid's
   small scales are skipped before their bisection by a cheaper bound (:func:`_pair_bound`);
-- the exact window step (:func:`neuqi.solver.window_zero_point`) runs only on the visited
+- the exact window step (:func:`neuqi.quant.solver.window_zero_point`) runs only on the visited
   candidates, in float64, without a sort: the crossings are summed into buckets of the window,
   whose edges give exact values and whose chords give lower bounds, and only the buckets that
   could hold a better minimum (than the window's best so far and than the best candidate's
@@ -84,7 +84,7 @@ def _search_right(a, lo, hi, v):
 
 @njit(cache=True, _nrt=False)
 def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
-    """:func:`neuqi.solver.relaxed_zero_point` for one group and one scale, in the same float32
+    """:func:`neuqi.quant.solver.relaxed_zero_point` for one group and one scale, in the same float32
     operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
 
     Returns ``(z₀, k_low, k_high, z_k, spread)`` for :func:`_relaxed_bound`: the point ``z_k``
@@ -263,7 +263,7 @@ def _piece_min(aa, inv_a, bb, cc, lo, hi):
 
 @njit(cache=True, _nrt=False)
 def _window_exact(w, h, s, z0, n1, threshold, k, buf):
-    """:func:`neuqi.solver.window_zero_point` for one group and one scale, in float64: the exact
+    """:func:`neuqi.quant.solver.window_zero_point` for one group and one scale, in float64: the exact
     minimiser of ``E`` on ``[z₀ - 1, z₀ + 1]``. Returns ``(z, s² E(z))``, or ``(0, inf)`` when
     ``s² E`` is above ``threshold`` everywhere on the window (the caller's best loss: then the
     candidate cannot win and its minimiser is not needed).
@@ -420,7 +420,7 @@ def _integer_sums(w, h, inv, first, n1):
 
 @njit(cache=True, _nrt=False)
 def _window_integer(w, h, s, z0, n1):
-    """:func:`neuqi.solver.window_integer_zero_point` for one group and scale: the best integer
+    """:func:`neuqi.quant.solver.window_integer_zero_point` for one group and scale: the best integer
     ``z`` in ``[z₀ - 1, z₀ + 1]`` (the first of equals) and its loss ``s² E(z)``; the (up to)
     three integers are scored in one pass."""
     first = np.ceil(np.float64(z0 - _F32(1.0)))
@@ -660,10 +660,10 @@ def search_scale_numba(
     hws_prefix: Tensor, s_mm: Tensor, levels: int, grid: tuple[int, int, int],
     integer: bool = False, iterations: int = 16,
 ) -> tuple[Tensor, Tensor]:
-    """NeUQI's scale search (:func:`neuqi.solver.search_scale`) for rows of ``w [G, m]`` with
+    """NeUQI's scale search (:func:`neuqi.quant.solver.search_scale`) for rows of ``w [G, m]`` with
     normalised ``h [G, m]`` (float32, CPU); returns ``(scale, zero_point)``, each ``[G]``.
 
-    The caller (:func:`neuqi.solver.quantize_tensor`) gives the reference's own torch
+    The caller (:func:`neuqi.quant.solver.quantize_tensor`) gives the reference's own torch
     computations of the sorted weights, the float32 prefix sums that the relaxed step bisects on
     and the Min-Max scale, so the kernel starts from the same numbers; ``grid`` is the reference's
     ``(COARSE_STEPS, FINE_DIVISOR, FINE_HALF_WIDTH)``.

@@ -1,7 +1,7 @@
 """The NeUQI scale search as a triton kernel: the solver on a GPU (and in triton's interpreter,
 ``TRITON_INTERPRET=1``, on CPU tensors, which is how the tests check it on a machine without one).
 
-It computes what :func:`neuqi.solver.search_scale` (the reference, pure torch) defines, for one
+It computes what :func:`neuqi.quant.solver.search_scale` (the reference, pure torch) defines, for one
 group per program:
 
 - the relaxed step (``z₀``) is the reference's bisection in the same float32 arithmetic, on the

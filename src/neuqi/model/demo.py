@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuqi.errors import UserError
+from neuqi.util.errors import UserError
 
 __all__ = ["BUILTIN", "FOLDER_NAME", "GGUF_NAME", "PACKAGE", "default_cache_dir",
            "ensure_builtin", "ensure_smollm2", "smollm2_gguf"]

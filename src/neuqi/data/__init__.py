@@ -1,0 +1,2 @@
+"""The shipped calibration text and the code that turns text into calibration windows.
+"""

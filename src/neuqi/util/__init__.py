@@ -1,0 +1,3 @@
+"""Small shared helpers: user errors, crash-safe files, fault injection for tests, devices, the
+allocator, progress display.
+"""
