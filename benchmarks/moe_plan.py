@@ -16,6 +16,8 @@ import argparse
 import math
 from pathlib import Path
 
+import records
+
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.plan import fmt, make_plan, parse_size, read_shape
 
@@ -30,6 +32,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     args = p.parse_args()
     budget = parse_size(args.budget)
+    rows = []
     for name in MODELS:
         folder = CONFIGS / name
         shape = read_shape(str(folder))
@@ -47,6 +50,17 @@ def main() -> None:
                   f"{fmt(size)}")
         print(f"  smallest budget that works: {fmt(plan.floor)} "
               f"(--max-memory {math.ceil(plan.floor / 2**30 * 10) / 10}GiB)")
+        k = plan.knobs
+        held = ("one linear (expert projection) at a time" if k.linear_at_a_time
+                else f"the layer whole, {k.windows} windows per pass")
+        rows.append([name, f"{experts} experts, {layer_bytes / 1e9:.1f} GB bf16", held,
+                     f"{plan.device_peak / 2**30:.2f} GiB", f"{plan.floor / 2**30:.2f} GiB"])
+    path = records.save(
+        "moe-plan", f"`neuqi plan` of three published mixture-of-experts models, --device cuda "
+        f"--max-memory {args.budget}, {args.nsamples} x {args.seqlen} calibration tokens, from "
+        "config.json alone", ["model", "largest layer", "plan", "peak device", "smallest budget"],
+        rows, "python benchmarks/moe_plan.py", "Planned, not measured: no GPU is used.")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import records
 from memory import _neuqi_executable, measure  # stdlib-only: the parent holds no torch
 
 from neuqi.model.synthetic import FULL_MODELS, SHAPES  # imports no torch
@@ -167,14 +168,21 @@ def hours(seconds: float | None) -> str:
         f"{seconds / 3600:.0f} h"
 
 
+PLANNED_COLUMNS = ["model", "job", "peak device GiB", "fits 20 GiB",
+                   "smallest budget GiB (its largest piece)", "held at once", "host GiB",
+                   "job store GiB", "output GiB", "RTX 4090", "H100", "this CPU"]
+SUMMARY_COLUMNS = ["model", "job", "peak GPU memory", "fits a 24 GB GPU (20 GiB)", "job store",
+                   "output (4-bit, g128)", "RTX 4090", "H100"]
+
+
 def planned(probe: bool) -> None:
+    started = records.machine()
     print("\n## planned, full models (`neuqi plan --device cuda --max-memory 20GiB "
           f"{' '.join(ACCEPT)} [--gptq]`)\n")
-    print("| model | job | peak device GiB | fits 20 GiB | smallest budget GiB (its largest "
-          "piece) | held at once | host GiB | job store GiB | output GiB | RTX 4090 | H100 | "
-          "this CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| " + " | ".join(PLANNED_COLUMNS) + " |")
+    print("|---" * len(PLANNED_COLUMNS) + "|")
     assumptions = {}
+    rows, summary = [], []
     for key in FULL_MODELS:
         layers, vocab = FULL_MODELS[key]
         full = WORKDIR / f"{key}-full-sparse"
@@ -194,17 +202,32 @@ def planned(probe: bool) -> None:
                     + (", 1 linear" if k["linear_at_a_time"] else "")
                     + (f", {k['gptq_rows'] if gptq == '--gptq' else k['solve_rows']} rows"
                        if k["solve_rows"] else ""))
-            print(f"| {key} | neuqi {gptq} | {gib(p['device_peak'])} | "
-                  f"{'yes' if p['fits'] else 'NO'} | {gib(p['floor'])} ({p['floor_piece']}) | "
-                  f"{held} | {gib(p['host_peak'])} | {gib(p['disk_peak'])} | "
-                  f"{gib(p['output_bytes'])} | {gpu_hours[0]} | {gpu_hours[1]} | "
-                  f"{hours(cpu)} |", flush=True)
+            row = [key, f"neuqi {gptq}", gib(p["device_peak"]), "yes" if p["fits"] else "NO",
+                   f"{gib(p['floor'])} ({p['floor_piece']})", held, gib(p["host_peak"]),
+                   gib(p["disk_peak"]), gib(p["output_bytes"]), *gpu_hours, hours(cpu)]
+            rows.append(row)
+            summary.append([key, "NeUQI + GPTQ" if gptq == "--gptq" else "NeUQI",
+                            f"{gib(p['device_peak'])} GiB", "yes" if p["fits"] else
+                            f"no (needs {gib(p['floor'])} GiB)", f"{gib(p['disk_peak'])} GiB",
+                            f"{gib(p['output_bytes'])} GiB", *gpu_hours])
+            print("| " + " | ".join(row) + " |", flush=True)
     from neuqi.pipeline.plan import gpu_assumptions  # the CLI's line, torch-free
 
+    lines = [gpu_assumptions(speed, "float32") for speed in assumptions.values()]
     print("\nTime: the plan's GPU time model (no GPU was measured), one line each:")
-    for speed in assumptions.values():
-        print(f"- {gpu_assumptions(speed, 'float32')}")
+    for line in lines:
+        print(f"- {line}")
     print("- this CPU: the plan's probe of this machine (`--device cpu`, same budget)")
+    command = (f"python benchmarks/scale.py --measure ''{'' if probe else ' --no-probe'}")
+    note = ("Planned by `neuqi plan MODEL --device cuda --max-memory 20GiB "
+            f"{' '.join(ACCEPT)} [--gptq]` on synthetic checkpoints with the models' exact "
+            "shapes (real headers over sparse files); the GPU hours are the plan's time model, "
+            "not measured: " + "; ".join(lines) + ".")
+    records.save("scale-planned", "Huge checkpoints, planned", PLANNED_COLUMNS, rows, command,
+                 note + (" This CPU: the plan's probe of this machine." if probe else ""),
+                 where=started)
+    records.save("scale-summary", "70B to 405B on one 24 GB GPU, planned", SUMMARY_COLUMNS,
+                 summary, command, note, where=started)
 
 
 def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],
