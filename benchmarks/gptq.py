@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import records
 import torch
 
 from neuqi.data.calib import calibration_windows, load_calibration_text
@@ -106,7 +107,10 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--methods", default=f"minmax,neuqi-int,neuqi,{LAZY_MINMAX}")
+    parser.add_argument("--save", metavar="NAME", default=None,
+                        help="also save the table as benchmarks/results/tables/NAME.json")
     args = parser.parse_args()
+    started_at, where, table = records.now(), records.machine(), []
     device = torch.device(args.device)
     ckpt = Checkpoint.open(resolve_model(args.model))
     methods = args.methods.split(",")
@@ -146,12 +150,22 @@ def main() -> None:
                                              gptq=True, **common, **extra)
                 if lazy:
                     name = f"{row} (original GPTQ)" if row == LAZY_MINMAX else row
-                    print(f"| {bits} | {name} | | {gptq_s:.2f} | | | {gptq_e:.4g} |",
-                          flush=True)
+                    cells = [bits, name, "", f"{gptq_s:.2f}", "", "", f"{gptq_e:.4g}"]
                 else:
-                    print(f"| {bits} | {method} | {plain_s:.2f} | {gptq_s:.2f} | "
-                          f"{gptq_s - plain_s:+.2f} | {plain_e:.4g} | {gptq_e:.4g} |",
-                          flush=True)
+                    cells = [bits, method, f"{plain_s:.2f}", f"{gptq_s:.2f}",
+                             f"{gptq_s - plain_s:+.2f}", f"{plain_e:.4g}", f"{gptq_e:.4g}"]
+                table.append([str(c) for c in cells])
+                print("| " + " | ".join(table[-1]) + " |", flush=True)
+    if args.save:
+        path = records.save(
+            args.save, f"One decoder layer of {args.model} (layer {args.layer}, groups of "
+            f"{args.group_size}) with each GPTQ variant: time and output error",
+            ["bits", "method", "plain s/layer", "GPTQ s/layer", "GPTQ extra s",
+             "output error plain", "output error GPTQ"], table, records.command(),
+            "Output error: the layer's sum of tr((W - Ŵ) H (W - Ŵ)ᵀ); calibration: "
+            f"{args.nsamples} x {args.seqlen} tokens of the shipped text.",
+            started=started_at, where=where)
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

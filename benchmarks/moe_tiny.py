@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import records
 from rich.console import Console
 
 from neuqi.evaluate import perplexity
@@ -41,7 +42,10 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--save", metavar="NAME", default=None,
+                   help="also save the table as benchmarks/results/tables/NAME.json")
     args = p.parse_args()
+    started_at, where = records.now(), records.machine()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="neuqi-moe-tiny-"))
     model = work / "mixtral-tiny"
     if not (model / "config.json").is_file():
@@ -74,8 +78,19 @@ def main() -> None:
           f"{DATA.name}")
     print("| model | perplexity | experts fallen back | quantize time |")
     print("|---|---|---|---|")
-    for name, value, fell, seconds in rows:
-        print(f"| {name} | {value:.2f} | {fell} | {seconds} |")
+    table = [[name, f"{value:.2f}", fell, seconds] for name, value, fell, seconds in rows]
+    for cells in table:
+        print("| " + " | ".join(cells) + " |")
+    if args.save:
+        path = records.save(
+            args.save, "A random-init Mixtral-like model end to end, "
+            f"{args.bits}-bit NeUQI, group {args.group_size}",
+            ["model", "perplexity", "experts fallen back", "quantize time"], table,
+            records.command(), f"Calibration {args.nsamples} x {args.seqlen} tokens of the "
+            f"shipped text, evaluation {args.windows} x {args.seqlen} tokens of {DATA.name}. "
+            "A random model's perplexity says that the pipeline runs, not which calibration is "
+            "better.", started=started_at, where=where)
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":

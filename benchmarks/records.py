@@ -42,6 +42,18 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs, load {load:.1f} at the start"
 
 
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command() -> str:
+    """This process's command line, as a user would type it."""
+    import shlex
+    import sys
+
+    return "python " + shlex.join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
 def _commit() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                        text=True, check=False)
@@ -60,7 +72,7 @@ def save(name: str, title: str, columns: list[str], rows: list[list[Any]], comma
     record = {
         "title": title, "columns": columns, "rows": [[str(c) for c in r] for r in rows],
         "command": command,
-        "date": started or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": started or now(),
         "version": _version(), "commit": _commit(), "machine": where or machine(),
     }
     if note:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import records
 import torch
 from paper_reference import paper_search
 from torch import Tensor
@@ -136,17 +137,23 @@ def hours(weights_per_s: float) -> str:
 
 def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int, method: str,
                backends: list[str], paper: bool, device: torch.device, full_numel: int,
-               repeat: int = 1) -> None:
+               repeat: int = 1, table: list[list[str]] | None = None) -> None:
     """Time the paper's search and every backend on one weight, bits, group size and method;
-    print a table row each."""
+    print a table row each (and append its cells to ``table``)."""
+
+    def row(line: str) -> None:
+        print(line, flush=True)
+        if table is not None:
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+
     n = weight.numel()
     paper_s = paper_l = None
     if paper and method == "neuqi":
         paper_s, loss, _ = timed(lambda w: paper_loss(w, h_diag, bits, group), weight, device)
         paper_l = loss.sum(dtype=torch.float64).item()
-        print(f"| {label} | {bits} | {group} | paper's search | - | {paper_s:.3f} "
-              f"| {n / paper_s / 1e6:.3f} | 1.00x | - | 1.000000 | - | - "
-              f"| {hours(n / paper_s)} |", flush=True)
+        row(f"| {label} | {bits} | {group} | paper's search | - | {paper_s:.3f} "
+            f"| {n / paper_s / 1e6:.3f} | 1.00x | - | 1.000000 | - | - "
+            f"| {hours(n / paper_s)} |")
     ref_s = ref_l = ref_q = None
     # the reference compiles its search (torch.compile) for tensors of at least
     # COMPILE_MIN_WEIGHTS, as every full 70B matrix is: give a slice the full matrix's setting
@@ -170,9 +177,9 @@ def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int
         if ref_q is not None and backend != "reference":
             lr, lf = loss64(weight, h_diag, ref_q, bits), loss64(weight, h_diag, q, bits)
             excess = f"{max(0.0, ((lf - lr) / lr.clamp_min(1e-30)).max().item()):.1e}"
-        print(f"| {label} | {bits} | {group} | {method} | {name} | {seconds:.3f} "
-              f"| {n / seconds / 1e6:.3f} | {vs_paper} | {vs_ref} | {loss_paper} | {loss_ref} "
-              f"| {excess} | {hours(n / seconds)} |", flush=True)
+        row(f"| {label} | {bits} | {group} | {method} | {name} | {seconds:.3f} "
+            f"| {n / seconds / 1e6:.3f} | {vs_paper} | {vs_ref} | {loss_paper} | {loss_ref} "
+            f"| {excess} | {hours(n / seconds)} |")
 
 
 def main() -> None:
@@ -191,6 +198,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="time each backend this many times and report its fastest call "
                              "(the paper's search is timed once)")
+    parser.add_argument("--save", metavar="NAME", default=None,
+                        help="also save the table as benchmarks/results/tables/NAME.json, for "
+                             "benchmarks/report.py to write into the documents")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat: give at least 1")
@@ -212,9 +222,12 @@ def main() -> None:
           "is excluded; CUDA is synchronised before reading the clock; each backend timed "
           f"{args.repeat} time(s), its fastest call shown. 70B projection: "
           f"{LLAMA70B_LINEAR_WEIGHTS / 1e9:.1f} G linear weights at the row's rate\n")
-    print("| shape | bits | group | method | backend | seconds | M weights/s | vs paper "
-          "| vs reference | loss / paper | loss / reference | max group excess | 70B solve |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["shape", "bits", "group", "method", "backend", "seconds", "M weights/s",
+               "vs paper", "vs reference", "loss / paper", "loss / reference",
+               "max group excess", "70B solve"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+    started, where, table = records.now(), records.machine(), []
     for name, (out_f, in_f) in shapes:
         rows = min(args.rows or out_f, out_f)
         weight, h_cpu = make_inputs(out_f, in_f, args.seed + out_f, rows)
@@ -225,7 +238,14 @@ def main() -> None:
                 for method in args.methods.split(","):
                     paper = args.paper == "all" or (args.paper == "grouped" and group != -1)
                     bench_case(label, weight, h_diag, bits, group, method, backends, paper,
-                               device, out_f * in_f, args.repeat)
+                               device, out_f * in_f, args.repeat, table)
+    if args.save:
+        path = records.save(
+            args.save, f"The NeUQI search's speed on {device_name(device)}, by backend",
+            columns, table, records.command(), "Each backend's fastest of "
+            f"{args.repeat} call(s); the last column is the solve of a 70B model's linears at "
+            "that rate.", started=started, where=where)
+        print(f"saved {path}")
 
 
 if __name__ == "__main__":
