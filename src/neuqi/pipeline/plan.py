@@ -181,7 +181,11 @@ def read_shape(model: str) -> ModelShape:
     """The checkpoint's shapes from config.json and its safetensors headers (no tensor data)."""
     from neuqi.model.layers import arch_for
 
+    from neuqi.model.demo import BUILTIN, ensure_builtin
+
     folder = Path(model).expanduser()
+    if not folder.exists() and model in BUILTIN:  # as quantize reads it: converted once
+        folder = ensure_builtin(model)
     if folder.is_dir():
         config, tensors = _local_files(folder)
     elif model.count("/") == 1 and not folder.exists() and not model.startswith((".", "/")):
