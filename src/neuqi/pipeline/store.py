@@ -81,6 +81,7 @@ class JobStore:
         self._root = loc.local if loc.local is not None else Path(loc.root)
         self._display = display
         self._manifest = manifest
+        self._arrays: dict[str, zarr.Array] = {}  # opened arrays of a remote store
         self._lock: WriterLock | LeaseLock = (
             WriterLock(self._root, display) if loc.local is not None else LeaseLock(loc, display))
 
@@ -116,6 +117,11 @@ class JobStore:
         manifest = read_manifest(loc, display, must_exist=True)
         assert manifest is not None
         return cls(loc, display, manifest)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
 
     def __repr__(self) -> str:
         return f"JobStore({self._display!r})"
@@ -236,12 +242,38 @@ class JobStore:
 
     def _open(self, name: str, mode: str = "r") -> zarr.Array:
         name = check_name(name, "array name")
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
         if not self.has_array(name):
             raise KeyError(f"job store {self._display} has no array {name!r}")
-        return zarr.open_array(self._zstore(), path=f"{_ARRAYS}/{name}", mode=mode, zarr_format=3)
+        if self._loc.local is not None:
+            return zarr.open_array(self._zstore(), path=f"{_ARRAYS}/{name}", mode=mode,
+                                   zarr_format=3)
+        # an open costs several requests on object storage: kept while this object creates and
+        # deletes the array itself (arrays are rewritten only whole, under a new record)
+        z = zarr.open_array(self._array_store(name), mode="r+", zarr_format=3)
+        self._arrays[name] = z
+        return z
+
+    def _array_store(self, name: str) -> Any:
+        """A remote array's own zarr store, rooted at its prefix: zarr then neither reads nor
+        writes the groups above it (a dozen requests per array saved; the store lists its arrays
+        by their ``zarr.json`` objects, not through groups)."""
+        from zarr.storage import FsspecStore
+
+        base = self._zstore()
+        return FsspecStore(fs=base.fs, path=f"{base.path}/{_ARRAYS}/{name}")
+
+    def _forget(self, name: str) -> None:
+        name = name.strip("/")
+        for key in [k for k in self._arrays if k == name or k.startswith(name + "/")]:
+            del self._arrays[key]
 
     def has_array(self, name: str) -> bool:
         """Whether an array ``name`` exists (possibly not fully written: check its record)."""
+        if check_name(name, "array name") in self._arrays:
+            return True
         meta_path = self._array_dir(check_name(name, "array name")) / "zarr.json"
         try:
             meta = (self._loc.read_json(f"{_ARRAYS}/{name.strip('/')}/zarr.json")
@@ -268,10 +300,14 @@ class JobStore:
         ndtype = arr.numpy_dtype(tdtype)
         shape_t = tuple(int(s) for s in shape)
         chunk_t = arr.normalize_chunks(chunks, shape_t, ndtype.itemsize)
-        self.delete(name)
-        zarr.create_array(
-            self._zstore(),
-            name=f"{_ARRAYS}/{name}",
+        if self._loc.local is not None:
+            self.delete(name)
+        else:  # zarr's overwrite below empties the array's prefix: one listing, not two
+            self._forget(name)
+        local = self._loc.local is not None
+        created = zarr.create_array(
+            self._zstore() if local else self._array_store(name),
+            name=f"{_ARRAYS}/{name}" if local else None,
             shape=shape_t,
             dtype=ndtype,
             chunks=chunk_t,
@@ -280,6 +316,8 @@ class JobStore:
             zarr_format=3,
             overwrite=True,
         )
+        if not local:
+            self._arrays[name] = created
 
     def write_array(
         self, name: str, tensor: torch.Tensor, chunks: int | Iterable[int] | None = None
@@ -379,6 +417,7 @@ class JobStore:
         object storage the arrays' ``zarr.json`` objects go first, then their chunks.
         """
         if self._loc.local is None:
+            self._forget(name)
             rels = self._loc.files(f"{_ARRAYS}/{check_name(name, 'array name')}")
             self._loc.remove_files([r for r in rels if r.endswith("/zarr.json")])
             self._loc.remove_files([r for r in rels if not r.endswith("/zarr.json")])
