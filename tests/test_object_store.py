@@ -276,3 +276,40 @@ def test_workers_sharing_nothing_but_the_store(
         assert {p.name for p in home.iterdir()} <= {"scratch"}
     records = JobStore.open_existing(url, s3.options).records()
     assert len([k for k in records if k.startswith("solve/")]) == 3 * 7
+
+
+@pytest.mark.slow
+def test_server_stopped_mid_job_is_one_line_and_the_rerun_is_bitwise(
+    s3: S3, tiny_llama: Path, tmp_path: Path, reference: dict[str, bytes]
+) -> None:
+    """A second server of this process (moto keeps its buckets in the process, so a server
+    started again on the same port serves the same objects)."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"endpoint_url": f"http://{host}:{port}"}
+    bucket = s3.bucket("stopped")
+    args = [sys.executable, "-c", "from neuqi.cli import main; main()",
+            *_cli_job(tiny_llama, tmp_path / "out", f"s3://{bucket}/job", options)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    try:
+        while len([k for k in s3.objects(bucket) if k.startswith("job/done/")]) < 4:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        server.stop()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot reach the object store" in errors[0], stderr
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        rerun = neuqi(*args[3:], env=ONE_THREAD)
+    finally:
+        server.stop()
+    assert rerun.returncode == 0, rerun.stderr
+    assert output_files(tmp_path / "out") == reference
