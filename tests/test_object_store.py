@@ -202,8 +202,10 @@ def test_killed_client_is_resumed_bitwise_and_a_second_client_is_refused(
     assert done.returncode == 0, done.stderr
     assert "resuming job" in done.stderr
     assert output_files(tmp_path / "out") == reference
+    again = neuqi("resume", url, "--storage-options", json.dumps(options))  # `neuqi resume URL`
+    assert again.returncode == 0 and "is complete" in again.stderr, again.stderr
     # the secret given in --storage-options is nowhere: outputs, logs, the store, the output
-    texts = [r.stdout + r.stderr for r in (killed, status, refused, done)]
+    texts = [r.stdout + r.stderr for r in (killed, status, refused, done, again)]
     stored = list(s3.objects(bucket).values()) + [
         p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert "done/pack.json" in " ".join(s3.objects(bucket))
