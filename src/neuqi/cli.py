@@ -113,6 +113,17 @@ CalibOption = Annotated[str | None, typer.Option(
          "datasets save_to_disk folder (text in --calib-field), or hf:NAME[:CONFIG][:SPLIT] "
          "(streamed; default: the shipped text).")]
 CalibFieldOption = Annotated[str, typer.Option(help="The text field of --calib's records.")]
+StorageOptions = Annotated[str | None, typer.Option(
+    help="A job store URL's fsspec options as JSON, e.g. '{\"endpoint_url\": "
+         "\"http://HOST:9000\"}' (s3fs: key, secret, client_kwargs, ...). Credentials may also "
+         "come from the environment (AWS_ACCESS_KEY_ID, ...) or ~/.aws; they are never printed "
+         "or stored.")]
+
+
+def _storage_options(text: str | None) -> dict[str, Any]:
+    from neuqi.pipeline.location import parse_storage_options
+
+    return parse_storage_options(text)
 
 
 def _log(as_json: bool) -> Any:
@@ -127,8 +138,9 @@ def quantize(
         help="Model folder (config.json + safetensors), a hub id, or a built-in real "
              "model: 'smollm2' (SmolLM2-135M-Instruct) or 'gemma3-270m' (Gemma 3 270M).")],
     out: Annotated[Path, typer.Option(help="Output folder for the quantized model.")],
-    job: Annotated[Path | None, typer.Option(
-        help="Job store folder (intermediate results; default: <out>.job). Reusing it resumes.")
+    job: Annotated[str | None, typer.Option(
+        help="Job store: a folder, or s3://BUCKET/PREFIX (see --storage-options) "
+             "(intermediate results; default: <out>.job). Reusing it resumes.")
     ] = None,
     bits: Annotated[int, typer.Option(help="Bits per weight: 2, 3 or 4.")] = 4,
     group_size: Annotated[int, typer.Option(
@@ -197,6 +209,7 @@ def quantize(
     ] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
+    storage_options: StorageOptions = None,
     max_memory: Annotated[str | None, typer.Option(
         help="Memory budget, e.g. 20GiB: device memory (the host's with --device cpu). The "
              "pipeline holds what fits; a budget below what the job needs is refused. Default: "
@@ -226,7 +239,8 @@ def quantize(
         solver_backend=solver_backend.value, moe_calibration=moe_calibration,
         max_memory=_size(max_memory),
     )
-    result = run(config, job, device.value, _log(log_json), scheduler, keep_job)
+    result = run(config, job, device.value, _log(log_json), scheduler, keep_job,
+                 _storage_options(storage_options))
     if format is not None:
         suffix = {"compressed-tensors": "-compressed-tensors", "gguf": ".gguf"}.get(
             format.value, f"-{format.value.removeprefix('gguf-')}.gguf")
@@ -367,7 +381,8 @@ def plan(
 
 @app.command(epilog=example('neuqi resume out/smollm2-w4g64.job'))
 def resume(
-    job: Annotated[Path, typer.Argument(help="Job store folder of a stopped job.")],
+    job: Annotated[str, typer.Argument(
+        help="Job store of a stopped job: a folder or s3://BUCKET/PREFIX.")],
     device: Annotated[Device, typer.Option(help="Where to compute.")] = Device.auto,
     scheduler: Annotated[str | None, typer.Option(
         help="Run the tasks on dask: local[:N] starts N worker processes here, tcp://HOST:PORT "
@@ -375,22 +390,25 @@ def resume(
              "same paths). Default: in this process. The result is the same.")] = None,
     log_json: Annotated[bool, typer.Option("--log-json", help=LOG_JSON_HELP)] = False,
     keep_job: Annotated[bool, typer.Option("--keep-job", help=KEEP_JOB_HELP)] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Continue a stopped job with the options it was started with."""
     from neuqi.pipeline.runner import resume as run
 
-    typer.echo(str(run(job, device.value, _log(log_json), scheduler, keep_job)))
+    typer.echo(str(run(job, device.value, _log(log_json), scheduler, keep_job,
+                       _storage_options(storage_options))))
 
 
 @app.command(epilog=example('neuqi status out/smollm2-w4g64.job'))
 def status(
-    job: Annotated[Path, typer.Argument(help="Job store folder.")],
+    job: Annotated[str, typer.Argument(help="Job store: a folder or s3://BUCKET/PREFIX.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Show how far a job has got."""
     from neuqi.pipeline.jobinfo import job_status  # plain files only: answers at once
 
-    info = job_status(job)
+    info = job_status(job, _storage_options(storage_options))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -9,7 +9,8 @@ ours:
   processes on this machine (N defaults to the number of GPUs with ``--device cuda``, else the
   number of CPU cores);
 - ``--scheduler tcp://HOST:PORT`` (or any other dask address) joins a running cluster whose
-  workers see the job store and the model folder under the same paths.
+  workers see the model folder under the same path, and the job store under the same path or
+  at the same object-storage URL (``s3://...``: then they share nothing else with the client).
 
 Tasks that compute on a GPU ask for ``resources={"GPU": 1}``: a remote cluster's GPU workers must
 be started with ``dask worker ADDRESS --resources GPU=1`` (``--nthreads 1``: one task per GPU).

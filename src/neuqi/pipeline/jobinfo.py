@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from neuqi.model.architectures import arch_for
-from neuqi.pipeline.lock import WriterLock
-from neuqi.pipeline.manifest import local_root, read_manifest
-from neuqi.pipeline.records import read_records
+from neuqi.pipeline.location import Location, storage_errors
+from neuqi.pipeline.lock import LeaseLock, WriterLock
+from neuqi.pipeline.manifest import read_manifest
+from neuqi.pipeline.records import records_at
 from neuqi.util.durable import read_json
 
 __all__ = ["job_status"]
@@ -33,13 +34,20 @@ def _model_config(model: str) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def job_status(job: str | Path) -> dict[str, Any]:
-    """Progress of the job in store ``job``: per stage, how many steps are done of how many."""
-    root = local_root(job)
-    manifest = read_manifest(root, str(job), must_exist=True)
-    assert manifest is not None
+def job_status(job: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Progress of the job in store ``job`` (a folder or a URL, with fsspec
+    ``storage_options``): per stage, how many steps are done of how many."""
+    loc = Location(job, storage_options)
+    display = str(job) if loc.local is not None else loc.url
+    loc.check()
+    with storage_errors(loc):
+        manifest = read_manifest(loc, display, must_exist=True)
+        assert manifest is not None
+        found = records_at(loc)
+        lock: WriterLock | LeaseLock = (WriterLock(loc.local, display) if loc.local is not None
+                                        else LeaseLock(loc, display))
+        holder = lock.info() if lock.is_live() else None
     options = manifest.get("options") or {}
-    found = read_records(root / "done")
     records = list(found)
     layers = {int(k.split("/")[1]) for k in records if k.count("/") >= 1}
     config = _model_config(str(options.get("model")))
@@ -51,7 +59,6 @@ def job_status(job: str | Path) -> dict[str, Any]:
         n = max(layers, default=0) + 1
         solves = n * max((sum(k.startswith(f"solve/{i}/") for k in records) for i in layers),
                          default=0)
-    lock = WriterLock(root, str(job))
     stages = {
         "embed": (sum(k == "embed" for k in records), 1),
         "hessian": (sum(k.startswith("hessian/") for k in records), n),
@@ -69,7 +76,7 @@ def job_status(job: str | Path) -> dict[str, Any]:
             stage = key.split("/")[0]
             peaks[stage] = max(peaks.get(stage, 0), int(peak))
     return {
-        "job": str(root),
+        "job": loc.url,
         "model": options.get("model"),
         "device_peak_bytes": peaks,
         "out": options.get("out"),
@@ -78,5 +85,5 @@ def job_status(job: str | Path) -> dict[str, Any]:
         "done": sum(d for d, _ in stages.values()),
         "total": sum(t for _, t in stages.values()),
         "complete": stages["pack"][0] == 1,
-        "lock": lock.info() if lock.is_live() else None,
+        "lock": holder,
     }

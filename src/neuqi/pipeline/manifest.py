@@ -9,9 +9,9 @@ what differs, so a resumed job can only ever continue the job it started.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from neuqi.pipeline.location import Location, storage_errors
 from neuqi.util.durable import fsync, fsync_dirs_up, read_json
 from neuqi.util.errors import UserError
 
@@ -19,18 +19,6 @@ from neuqi.util.errors import UserError
 FORMAT_VERSION = 1
 
 MARKER = "neuqi_job_store"
-
-
-def local_root(path: str | Path) -> Path:
-    """The absolute folder of a job store path (``file://`` URLs accepted, no other URL)."""
-    text = str(path)
-    if "://" in text:
-        if not text.startswith("file://"):
-            raise UserError(
-                f"job store {text}: only local folders are supported; give a folder path"
-            )
-        text = text.removeprefix("file://")
-    return Path(text).expanduser().absolute()
 
 
 def normalize(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +32,26 @@ def normalize(manifest: dict[str, Any]) -> dict[str, Any]:
     return normalized
 
 
-def read_manifest(root: Path, display: str, *, must_exist: bool) -> dict[str, Any] | None:
-    """The stored manifest; None for a missing or empty folder (unless ``must_exist``)."""
+def read_manifest(loc: Location, display: str, *, must_exist: bool) -> dict[str, Any] | None:
+    """The stored manifest; None for a missing or empty folder or prefix (unless
+    ``must_exist``)."""
+    if loc.local is None:
+        with storage_errors(loc):
+            try:
+                meta = loc.read_json("zarr.json")
+            except ValueError as exc:
+                raise UserError(f"job store {display} has an unreadable zarr.json ({exc}): "
+                                "delete its objects to start over") from None
+            if meta is None:
+                if must_exist:
+                    raise UserError(f"{display} is not a neuqi job store (no zarr.json): give "
+                                    "the URL of a previous run's --job")
+                if loc.files():
+                    raise UserError(f"{display} holds objects but is not a neuqi job store: "
+                                    "use a new or empty --job prefix")
+                return None
+        return _check_meta(meta, display)
+    root = loc.local
     if root.exists() and not root.is_dir():
         raise UserError(f"job store {display} is a file, not a folder: give a folder path")
     meta_path = root / "zarr.json"
@@ -69,6 +75,11 @@ def read_manifest(root: Path, display: str, *, must_exist: bool) -> dict[str, An
                 "use a new or empty --job folder"
             )
         return None
+    return _check_meta(meta, display)
+
+
+def _check_meta(meta: Any, display: str) -> dict[str, Any]:
+    """The manifest of a root ``zarr.json``; UserError unless it is a neuqi job store's."""
     attrs = meta.get("attributes") if isinstance(meta, dict) else None
     if (
         not isinstance(attrs, dict)
@@ -92,15 +103,22 @@ def read_manifest(root: Path, display: str, *, must_exist: bool) -> dict[str, An
     return manifest
 
 
-def create_root(root: Path, manifest: dict[str, Any]) -> None:
-    """Make ``root`` a job store: the root zarr group with the marker and the manifest."""
+def create_root(loc: Location, manifest: dict[str, Any]) -> None:
+    """Make ``loc`` a job store: the root zarr group with the marker and the manifest."""
     import zarr  # here, so that reading a manifest (neuqi status) needs no zarr
+
+    attributes = {MARKER: FORMAT_VERSION, "manifest": manifest}
+    if loc.local is None:
+        with storage_errors(loc):
+            zarr.create_group(loc.zarr_store(), attributes=attributes, zarr_format=3)
+        return
     from zarr.storage import LocalStore
 
+    root = loc.local
     root.mkdir(parents=True, exist_ok=True)
     zarr.create_group(
         LocalStore(root),
-        attributes={MARKER: FORMAT_VERSION, "manifest": manifest},
+        attributes=attributes,
         zarr_format=3,
     )
     fsync(root / "zarr.json")

@@ -6,12 +6,16 @@ without importing torch or zarr.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from neuqi.pipeline.location import Location
 from neuqi.util.durable import read_json
+
+DONE = "done"
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _BAD_SUFFIXES = (".json", ".tmp", ".partial")
@@ -62,4 +66,23 @@ def read_records(done: Path, prefix: str = "") -> dict[str, dict[str, Any]]:
             rec = read_json(Path(dirpath) / fname)
             if rec is not None:
                 out[key] = rec
+    return {k: out[k] for k in sorted(out, key=natural_key)}
+
+
+def records_at(loc: Location, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """:func:`read_records` of the job store at ``loc`` (a folder, or one listing and concurrent
+    reads on an object store)."""
+    if loc.local is not None:
+        return read_records(loc.local / DONE, prefix)
+    prefix = check_prefix(prefix, "record prefix")
+    names = [p for p in loc.files(f"{DONE}/{prefix}" if prefix else DONE)
+             if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(".")]
+    if prefix:
+        names.append(f"{DONE}/{prefix}.json")
+    out: dict[str, dict[str, Any]] = {}
+    for rel, data in loc.read_many(names).items():
+        key = rel.removeprefix(f"{DONE}/").removesuffix(".json")
+        if any(part.startswith(".") for part in key.split("/")):
+            continue
+        out[key] = json.loads(data)
     return {k: out[k] for k in sorted(out, key=natural_key)}

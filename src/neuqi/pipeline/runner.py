@@ -8,8 +8,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +30,7 @@ from neuqi.pipeline.executor import (
     open_executor,
 )
 from neuqi.pipeline.jobinfo import job_status
+from neuqi.pipeline.location import Location, storage_errors
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
 from neuqi.quant.solver import check_group_size
@@ -50,9 +49,11 @@ __all__ = ["KILL_AFTER_ENV", "Job", "quantize", "resolve_device", "resume", "sta
 def quantize(
     config: QuantizeConfig, job: str | Path | None = None, device: str = "auto",
     console: Console | Log | None = None, scheduler: str | None = None, keep_job: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> Path:
     """Quantize ``config.model`` into ``config.out``, resuming the job store ``job`` if it exists
-    (default: ``<out>.job``). ``scheduler``: None to compute in this process, ``local[:N]`` or a
+    (default: ``<out>.job``; a folder, or a URL such as ``s3://bucket/prefix`` with fsspec
+    ``storage_options``, which are never stored or printed). ``scheduler``: None to compute in this process, ``local[:N]`` or a
     dask scheduler address to run the tasks on a dask cluster (same result). Progress goes to
     ``console`` (a :class:`neuqi.util.progress.Log`, or a rich Console: a bar on a terminal, plain
     lines otherwise). After a complete run the job store's arrays are deleted (its options and
@@ -61,6 +62,8 @@ def quantize(
     log = Log.of(console)
     config.validate()
     check_scheduler(scheduler)
+    if job is not None:  # an unreachable endpoint, a missing bucket: refused before any work
+        Location(job, storage_options).check()
     local_device = None
     if not is_remote(scheduler):
         local_device = resolve_device(device)  # refuse a bad device before any work
@@ -86,8 +89,9 @@ def quantize(
     manifest = config.manifest(ckpt.fingerprint(), text_sha256(text))
     job_dir = job or default_job_dir(out)
     with disk_full_is_user_error(f"job store {job_dir} or --out {out}"):
-        store = JobStore.create_or_open(job_dir, manifest)
-        with store.locked(), open_executor(scheduler, device) as executor:
+        store = JobStore.create_or_open(job_dir, manifest, storage_options)
+        with (storage_errors(store.location), store.locked(),
+              open_executor(scheduler, device) as executor):
             return Job(store, ckpt, config, executor.device, log, executor, keep_job,
                        summary).run(windows)
 
@@ -108,27 +112,19 @@ def _fit_budget(config: QuantizeConfig, model: str, device: str, scheduler: str 
 def resume(
     job: str | Path, device: str = "auto", console: Console | Log | None = None,
     scheduler: str | None = None, keep_job: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> Path:
     """Continue the job in store ``job`` with the options it was made with."""
-    store = JobStore.open_existing(job)
+    store = JobStore.open_existing(job, storage_options)
     if "neuqi_distill" in store.manifest:
         raise UserError(f"{job}: is the job store of `neuqi distill`; run that distill command "
                         f"again to resume it")
     return quantize(QuantizeConfig.from_manifest(store.manifest), job, device, console, scheduler,
-                    keep_job)
+                    keep_job, storage_options)
 
 
 #: Completion record of a finished job whose arrays were deleted (not a step of the job).
 PRUNED = "pruned"
-
-
-def _folder_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, f)).st_size
-    return total
 
 
 def _size(n: int) -> str:
@@ -196,12 +192,12 @@ class Job:
         n = ckpt.layer_count
         out = Path(cfg.out).expanduser()
         if store.is_done("pack") and is_neuqi_output(out):
-            self.log.info(f"job {store.path} is complete: the output is {out} (nothing to do)")
+            self.log.info(f"job {store.where} is complete: the output is {out} (nothing to do)")
             return out
         if store.is_done(PRUNED):
             raise UserError(
-                f"--out {out} is missing, and job store {store.path} finished and deleted its "
-                f"intermediate results (run without --keep-job): delete {store.path} and run the "
+                f"--out {out} is missing, and job store {store.where} finished and deleted its "
+                f"intermediate results (run without --keep-job): delete {store.where} and run the "
                 f"command again to quantize from the start"
             )
         if self.plan_summary:  # after every refusal, so that bad input stays one line
@@ -215,7 +211,7 @@ class Job:
             )
         done, total = self.units()
         if done:
-            self.log.info(f"resuming job {store.path}: {done}/{total} steps already done")
+            self.log.info(f"resuming job {store.where}: {done}/{total} steps already done")
         with self.log.steps(total, done) as steps:
             if not store.is_done("embed"):
                 steps.stage("embed")
@@ -302,18 +298,18 @@ class Job:
         `neuqi export` read the output), unless --keep-job. The options and completion records
         stay: the same command or `neuqi resume` then says the job is complete."""
         store = self.store
-        before = _folder_bytes(store.path)
+        before = store.size_bytes()
         if self.keep_job:
-            self.log.info(f"job store {store.path} kept whole ({_size(before)}; --keep-job): "
+            self.log.info(f"job store {store.where} kept whole ({_size(before)}; --keep-job): "
                           f"delete it when it is no longer needed")
             return
         # recorded first: a store killed while pruning is known to have lost its arrays
         store.mark_done(PRUNED, {"bytes_before": before})
         for top in sorted({name.split("/")[0] for name in store.array_names()}):
             store.delete(top)  # every array under it, and its groups
-        after = _folder_bytes(store.path)
+        after = store.size_bytes()
         self.log.info(
-            f"job store {store.path}: deleted its intermediate arrays ({_size(before - after)}), "
+            f"job store {store.where}: deleted its intermediate arrays ({_size(before - after)}), "
             f"kept its options and completion records ({_size(after)}) so that the same command "
             f"or `neuqi resume` says the job is complete; --keep-job keeps everything"
         )

@@ -17,8 +17,11 @@ Every completion record is its own small file, written to a temporary name, fsyn
 so concurrent writers (dask workers) never rewrite the same file and no reader ever sees a record
 half-written. The root ``zarr.json`` is written once, when the store is created.
 
-Only local folders are supported (a ``file://`` URL is accepted): the durability guarantees rest
-on ``fsync``, ``rename`` and process ids of this host.
+A job store is a local folder (a path or a ``file://`` URL), whose durability rests on ``fsync``,
+``rename`` and process ids of this host, or a prefix on object storage (``s3://bucket/prefix`` or
+another fsspec URL, :mod:`neuqi.pipeline.location`), where every object is written in one PUT
+(atomic and durable once it returns), no ``rename`` is needed, and the writer lock is a lease
+(:class:`neuqi.pipeline.lock.LeaseLock`).
 
 The pieces, one module each: :mod:`neuqi.pipeline.manifest` (the root ``zarr.json``, the format
 version, the manifest check), :mod:`neuqi.pipeline.lock` (the writer lock),
@@ -39,21 +42,21 @@ from typing import Any
 
 import torch
 import zarr
-from zarr.storage import LocalStore
 
 from neuqi.pipeline import arrays as arr
-from neuqi.pipeline.lock import WriterLock
+from neuqi.pipeline.location import LEASE_PROTOCOLS, Location, storage_errors
+from neuqi.pipeline.lock import LeaseLock, WriterLock
 from neuqi.pipeline.manifest import (
     FORMAT_VERSION,
     create_root,
-    local_root,
     normalize,
     read_manifest,
     refuse_other,
 )
-from neuqi.pipeline.records import check_name, check_prefix, natural_key, read_records
+from neuqi.pipeline.records import check_name, check_prefix, natural_key, records_at
 from neuqi.util import faults
 from neuqi.util.durable import fsync, fsync_dirs_up, now, read_json, write_json_atomic
+from neuqi.util.errors import UserError
 
 __all__ = ["FORMAT_VERSION", "JobStore"]
 
@@ -67,45 +70,58 @@ _TRASH = ".trash"
 class JobStore:
     """A zarr v3 job store: manifest, tensors, completion records and the writer lock.
 
-    Instances are cheap and picklable (a path and the manifest), so dask workers can receive one
-    and write their own arrays and records. Only the process that called :meth:`acquire_lock`
-    holds the lock; a pickled copy does not.
+    Instances are cheap and picklable (a location and the manifest), so dask workers can
+    receive one and write their own arrays and records. Only the process that called
+    :meth:`acquire_lock` holds the lock; a pickled copy does not.
     """
 
-    def __init__(self, root: Path, display: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, loc: Location, display: str, manifest: dict[str, Any]) -> None:
         """Use :meth:`create_or_open` or :meth:`open_existing` instead."""
-        self._root = root
+        self._loc = loc
+        self._root = loc.local if loc.local is not None else Path(loc.root)
         self._display = display
         self._manifest = manifest
-        self._lock = WriterLock(root, display)
+        self._arrays: dict[str, zarr.Array] = {}  # opened arrays of a remote store
+        self._lock: WriterLock | LeaseLock = (
+            WriterLock(self._root, display) if loc.local is not None else LeaseLock(loc, display))
 
     # -- opening --------------------------------------------------------------------------
 
     @classmethod
-    def create_or_open(cls, path: str | Path, manifest: dict[str, Any]) -> JobStore:
-        """Open the job store at ``path``, creating it (with ``manifest``) if it does not exist.
+    def create_or_open(cls, path: str | Path, manifest: dict[str, Any],
+                       storage_options: dict[str, Any] | None = None) -> JobStore:
+        """Open the job store at ``path`` (a folder or a URL, with fsspec ``storage_options``),
+        creating it (with ``manifest``) if it does not exist.
 
         Raises UserError when the store was made with a different manifest, or when ``path`` is
-        a non-empty folder (or a file) that is not a job store.
+        a non-empty folder (or a file, or a prefix with objects) that is not a job store.
         """
-        root = local_root(path)
-        display = str(path)
+        loc = Location(path, storage_options)
+        display = str(path) if loc.local is not None else loc.url
         normalized = normalize(manifest)
-        stored = read_manifest(root, display, must_exist=False)
+        loc.check()
+        stored = read_manifest(loc, display, must_exist=False)
         if stored is None:
-            create_root(root, normalized)
-            return cls(root, display, normalized)
+            create_root(loc, normalized)
+            return cls(loc, display, normalized)
         refuse_other(stored, normalized, display)
-        return cls(root, display, stored)
+        return cls(loc, display, stored)
 
     @classmethod
-    def open_existing(cls, path: str | Path) -> JobStore:
+    def open_existing(cls, path: str | Path,
+                      storage_options: dict[str, Any] | None = None) -> JobStore:
         """Open an existing job store (for resume / status); UserError if it is not one."""
-        root = local_root(path)
-        display = str(path)
-        manifest = read_manifest(root, display, must_exist=True)
+        loc = Location(path, storage_options)
+        display = str(path) if loc.local is not None else loc.url
+        loc.check()
+        manifest = read_manifest(loc, display, must_exist=True)
         assert manifest is not None
-        return cls(root, display, manifest)
+        return cls(loc, display, manifest)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
 
     def __repr__(self) -> str:
         return f"JobStore({self._display!r})"
@@ -114,8 +130,30 @@ class JobStore:
 
     @property
     def path(self) -> Path:
-        """Absolute path of the store folder."""
+        """Absolute path of the store folder (of a local store; see :attr:`where`)."""
+        if self._loc.local is None:
+            raise ValueError(f"job store {self._display} is not a local folder: use .where")
         return self._root
+
+    @property
+    def where(self) -> str:
+        """The store as messages name it: its absolute folder, or its URL."""
+        return self._loc.url
+
+    @property
+    def location(self) -> Location:
+        return self._loc
+
+    def size_bytes(self) -> int:
+        """Bytes the store holds (files of the folder, or objects under the prefix)."""
+        if self._loc.local is None:
+            return self._loc.size()
+        total = 0
+        for dirpath, _, files in os.walk(self._root):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+        return total
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -127,8 +165,13 @@ class JobStore:
     def _record_path(self, key: str) -> Path:
         return self._root / _DONE / (check_name(key, "record key") + ".json")
 
+    def _record_rel(self, key: str) -> str:
+        return f"{_DONE}/{check_name(key, 'record key')}.json"
+
     def is_done(self, key: str) -> bool:
         """Whether the completion record ``key`` (e.g. ``"solve/3/mlp.up_proj"``) exists."""
+        if self._loc.local is None:
+            return self._loc.exists(self._record_rel(key))
         return self._record_path(key).is_file()
 
     def mark_done(
@@ -140,18 +183,26 @@ class JobStore:
         sees it whole or not at all. Call this only after all of the work's data is written.
         """
         names = [check_name(a, "array name") for a in arrays]
+        if isinstance(self._lock, LeaseLock):
+            self._lock.check()  # a holder whose lease was taken over writes no more records
         for name in names:
             if not self.has_array(name):
                 raise ValueError(f"mark_done({key!r}): array {name!r} does not exist")
             self.sync(name)
+        record = {"key": key.strip("/"), "done_at": now(), "arrays": names, "info": info or {}}
+        if self._loc.local is None:
+            self._loc.write_json(self._record_rel(key), record)
+            return
         path = self._record_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"key": key.strip("/"), "done_at": now(), "arrays": names, "info": info or {}}
         write_json_atomic(path, record)
         fsync_dirs_up(path.parent, self._root)
 
     def unmark(self, key: str) -> None:
         """Remove the completion record ``key`` (no error if absent), so the work is redone."""
+        if self._loc.local is None:
+            self._loc.remove(self._record_rel(key))
+            return
         path = self._record_path(key)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -159,11 +210,13 @@ class JobStore:
 
     def record(self, key: str) -> dict[str, Any] | None:
         """The completion record ``key`` (``{"key", "done_at", "arrays", "info"}``), or None."""
+        if self._loc.local is None:
+            return self._loc.read_json(self._record_rel(key))  # type: ignore[no-any-return]
         return read_json(self._record_path(key))
 
     def records(self, prefix: str = "") -> dict[str, dict[str, Any]]:
         """All completion records whose key is ``prefix`` or lies under it, in natural order."""
-        return read_records(self._root / _DONE, prefix)
+        return records_at(self._loc, prefix)
 
     def progress(self) -> dict[str, dict[str, int]]:
         """Record counts grouped for a status table: ``{stage: {layer: count}}``.
@@ -181,23 +234,50 @@ class JobStore:
 
     # -- arrays ---------------------------------------------------------------------------
 
-    def _zstore(self) -> LocalStore:
-        return LocalStore(self._root)
+    def _zstore(self) -> Any:
+        return self._loc.zarr_store()
 
     def _array_dir(self, name: str) -> Path:
         return self._root / _ARRAYS / name
 
     def _open(self, name: str, mode: str = "r") -> zarr.Array:
         name = check_name(name, "array name")
+        cached = self._arrays.get(name)
+        if cached is not None:
+            return cached
         if not self.has_array(name):
             raise KeyError(f"job store {self._display} has no array {name!r}")
-        return zarr.open_array(self._zstore(), path=f"{_ARRAYS}/{name}", mode=mode, zarr_format=3)
+        if self._loc.local is not None:
+            return zarr.open_array(self._zstore(), path=f"{_ARRAYS}/{name}", mode=mode,
+                                   zarr_format=3)
+        # an open costs several requests on object storage: kept while this object creates and
+        # deletes the array itself (arrays are rewritten only whole, under a new record)
+        z = zarr.open_array(self._array_store(name), mode="r+", zarr_format=3)
+        self._arrays[name] = z
+        return z
+
+    def _array_store(self, name: str) -> Any:
+        """A remote array's own zarr store, rooted at its prefix: zarr then neither reads nor
+        writes the groups above it (a dozen requests per array saved; the store lists its arrays
+        by their ``zarr.json`` objects, not through groups)."""
+        from zarr.storage import FsspecStore
+
+        base = self._zstore()
+        return FsspecStore(fs=base.fs, path=f"{base.path}/{_ARRAYS}/{name}")
+
+    def _forget(self, name: str) -> None:
+        name = name.strip("/")
+        for key in [k for k in self._arrays if k == name or k.startswith(name + "/")]:
+            del self._arrays[key]
 
     def has_array(self, name: str) -> bool:
         """Whether an array ``name`` exists (possibly not fully written: check its record)."""
+        if check_name(name, "array name") in self._arrays:
+            return True
         meta_path = self._array_dir(check_name(name, "array name")) / "zarr.json"
         try:
-            meta = read_json(meta_path)
+            meta = (self._loc.read_json(f"{_ARRAYS}/{name.strip('/')}/zarr.json")
+                    if self._loc.local is None else read_json(meta_path))
         except (OSError, ValueError):
             return False
         return isinstance(meta, dict) and meta.get("node_type") == "array"
@@ -220,10 +300,14 @@ class JobStore:
         ndtype = arr.numpy_dtype(tdtype)
         shape_t = tuple(int(s) for s in shape)
         chunk_t = arr.normalize_chunks(chunks, shape_t, ndtype.itemsize)
-        self.delete(name)
-        zarr.create_array(
-            self._zstore(),
-            name=f"{_ARRAYS}/{name}",
+        if self._loc.local is not None:
+            self.delete(name)
+        else:  # zarr's overwrite below empties the array's prefix: one listing, not two
+            self._forget(name)
+        local = self._loc.local is not None
+        created = zarr.create_array(
+            self._zstore() if local else self._array_store(name),
+            name=f"{_ARRAYS}/{name}" if local else None,
             shape=shape_t,
             dtype=ndtype,
             chunks=chunk_t,
@@ -232,6 +316,8 @@ class JobStore:
             zarr_format=3,
             overwrite=True,
         )
+        if not local:
+            self._arrays[name] = created
 
     def write_array(
         self, name: str, tensor: torch.Tensor, chunks: int | Iterable[int] | None = None
@@ -284,6 +370,8 @@ class JobStore:
     def array_names(self, prefix: str = "") -> list[str]:
         """Names of all arrays at or under ``prefix``, in natural order."""
         prefix = check_prefix(prefix, "array prefix")
+        if self._loc.local is None:
+            return self._remote_array_names(prefix)
         base = self._root / _ARRAYS
         top = base / prefix if prefix else base
         names = []
@@ -299,8 +387,22 @@ class JobStore:
                 dirnames[:] = [n for n in dirnames if not n.startswith(".")]
         return sorted(names, key=natural_key)
 
+    def _remote_array_names(self, prefix: str) -> list[str]:
+        top = f"{_ARRAYS}/{prefix}" if prefix else _ARRAYS
+        metas = [p for p in self._loc.files(top) if p.endswith("/zarr.json")]
+        names = []
+        for rel, data in self._loc.read_many(metas).items():
+            with contextlib.suppress(ValueError):
+                meta = json.loads(data)
+                if isinstance(meta, dict) and meta.get("node_type") == "array":
+                    names.append(rel.removeprefix(f"{_ARRAYS}/").removesuffix("/zarr.json"))
+        return sorted(names, key=natural_key)
+
     def sync(self, name: str) -> None:
-        """fsync every file and folder of array ``name`` (and the folders above it)."""
+        """fsync every file and folder of array ``name`` (and the folders above it); nothing
+        to do on object storage, where a PUT is durable once it returns."""
+        if self._loc.local is None:
+            return
         top = self._array_dir(check_name(name, "array name"))
         for dirpath, _, filenames in os.walk(top):
             for fname in filenames:
@@ -311,8 +413,15 @@ class JobStore:
     def delete(self, name: str) -> None:
         """Delete array ``name`` (or every array under group ``name``); no error if absent.
 
-        The folder is first renamed away (atomic), so the array is never seen half-deleted.
+        The folder is first renamed away (atomic), so the array is never seen half-deleted. On
+        object storage the arrays' ``zarr.json`` objects go first, then their chunks.
         """
+        if self._loc.local is None:
+            self._forget(name)
+            rels = self._loc.files(f"{_ARRAYS}/{check_name(name, 'array name')}")
+            self._loc.remove_files([r for r in rels if r.endswith("/zarr.json")])
+            self._loc.remove_files([r for r in rels if not r.endswith("/zarr.json")])
+            return
         path = self._array_dir(check_name(name, "array name"))
         if not path.exists():
             return
@@ -351,6 +460,8 @@ class JobStore:
         Only the lock holder may call it (``acquire_lock`` does): it would break a live
         writer's in-flight temporary files.
         """
+        if self._loc.local is None:
+            return 0  # no temporary objects: every object is written in one PUT
         removed = 0
         trash = self._root / _TRASH
         if trash.exists():
@@ -378,10 +489,16 @@ class JobStore:
         """Become the one writer of this store, then :meth:`recover` its debris.
 
         UserError if a live process holds the lock (or one on another host, whose liveness can't
-        be checked). A stale lock (its process gone, same host) is taken over.
+        be checked). A stale lock (its process gone, same host) is taken over. On object storage
+        the lock is a lease (:class:`neuqi.pipeline.lock.LeaseLock`), on S3 only.
         """
-        if self._lock.acquire():
-            self.recover()
+        if self._loc.local is None and self._loc.protocol not in LEASE_PROTOCOLS:
+            raise UserError(
+                f"job store {self._display}: {self._loc.protocol}:// has no conditional write "
+                f"neuqi can lock a job with; use s3:// (or an S3-compatible endpoint) or a folder")
+        with storage_errors(self._loc):
+            if self._lock.acquire():
+                self.recover()
 
     def release_lock(self) -> None:
         """Give up the lock if this object holds it (removes LOCK)."""
