@@ -179,9 +179,8 @@ def _hub_files(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def read_shape(model: str) -> ModelShape:
     """The checkpoint's shapes from config.json and its safetensors headers (no tensor data)."""
-    from neuqi.model.layers import arch_for
-
     from neuqi.model.demo import BUILTIN, ensure_builtin
+    from neuqi.model.layers import arch_for
 
     folder = Path(model).expanduser()
     if not folder.exists() and model in BUILTIN:  # as quantize reads it: converted once
