@@ -224,6 +224,7 @@ def quantize(
     from neuqi.data.calib import stored_source
     from neuqi.pipeline.config import QuantizeConfig
     from neuqi.pipeline.runner import quantize as run
+    from neuqi.quant.gptq import GPTQ_PARAMS_DEFAULT, GPTQ_REFIT_DEFAULT
 
     # paths are stored absolute in the job's manifest, so `neuqi resume` works from anywhere
     if Path(model).expanduser().exists():
@@ -234,8 +235,9 @@ def quantize(
         seqlen=seqlen, seed=seed,
         sequential=sequential, dtype=dtype.value, batch_size=batch_size,
         gptq=gptq, act_order=act_order, gptq_block_size=gptq_block_size,
-        **({"gptq_params": gptq_params.value} if gptq_params else {}),
-        **({"gptq_refit": gptq_refit} if gptq_refit is not None else {}), distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
+        gptq_params=gptq_params.value if gptq_params else GPTQ_PARAMS_DEFAULT,
+        gptq_refit=GPTQ_REFIT_DEFAULT if gptq_refit is None else gptq_refit,
+        distill_steps=distill_steps, distill_lr=distill_lr, distill_norms=distill_norms,
         solver_backend=solver_backend.value, moe_calibration=moe_calibration,
         max_memory=_size(max_memory),
     )

@@ -364,7 +364,7 @@ def perplexity(
         del head
     tokens = n * (seqlen - 1)
     nll = nll_sum / tokens
-    result = {
+    result: dict[str, Any] = {
         "perplexity": math.exp(nll),
         "nll": nll,
         "windows": n,

@@ -37,6 +37,10 @@ class DequantLinear(nn.Module):
     means one group per output row.
     """
 
+    codes: torch.Tensor  # the buffers (registered in __init__), for the type checker
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
     def __init__(
         self,
         codes: torch.Tensor,

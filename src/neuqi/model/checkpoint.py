@@ -379,9 +379,9 @@ def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[
                         f"{out_f}x{in_f} weight in {bo}x{bi} blocks; the checkpoint is damaged")
     out = torch.empty(out_f, in_f, dtype=dtype)
     for r, lo in enumerate(range(0, out_f, bo)):
-        block = weight[lo:lo + bo].to(torch.float32)
+        rows = weight[lo:lo + bo].to(torch.float32)
         scales = scale_inv[r].to(torch.float32).repeat_interleave(bi)[:in_f]
-        out[lo:lo + bo] = (block * scales).to(dtype)
+        out[lo:lo + bo] = (rows * scales).to(dtype)
     return out
 
 

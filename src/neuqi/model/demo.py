@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from neuqi.util.errors import UserError
 
@@ -177,7 +178,8 @@ def _convert(model: BuiltinModel, gguf: Path, out: Path) -> None:
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     if getattr(hf_model, "hf_quantizer", None) is not None:
-        hf_model.hf_quantizer = None
+        # torch types Module.__setattr__ for tensors and modules only; any attribute may be set
+        hf_model.hf_quantizer = None  # type: ignore[assignment]
     hf_model.save_pretrained(str(out))  # safetensors is the default (and only) format
     tokenizer.save_pretrained(str(out))
     _write_sentencepiece_model(gguf, out / "tokenizer.model")
@@ -219,7 +221,7 @@ def _write_sentencepiece_model(gguf: Path, path: Path) -> None:
 
     reader = GGUFReader(str(gguf))
 
-    def value(key: str, default: object = None) -> object:
+    def value(key: str, default: Any = None) -> Any:  # a string, a number or a list of arrays
         f = reader.fields.get(key)
         if f is None or not f.data:
             return default
@@ -237,7 +239,7 @@ def _write_sentencepiece_model(gguf: Path, path: Path) -> None:
     pieces = b"".join(  # the unknown token is UNKNOWN (2), as in the model's own tokenizer.model
         _field(1, _field(1, bytes(t)) + _field(2, float(s[0]))
                + _field(3, 2 if i == unknown else int(k[0])))
-        for i, (t, s, k) in enumerate(zip(tokens, scores, types)))  # type: ignore[arg-type]
+        for i, (t, s, k) in enumerate(zip(tokens, scores, types)))
     trainer = _field(3, 2) + _field(35, 1)  # model_type BPE, byte_fallback
     # the special ids (40-43) and their pieces (45-48: sentencepiece finds the ids by the pieces)
     for number, name in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):

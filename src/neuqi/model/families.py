@@ -15,7 +15,7 @@ builds outside the layers is here, driven by the :class:`~neuqi.model.architectu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -71,7 +71,8 @@ def rotary_tables(
 ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(cos, sin), or a dict of them by layer kind where the rotary has one table per kind."""
     if getattr(rotary, "per_layer_type", False):  # set by models.build_rotary from the ArchSpec
-        return {kind: rotary(hidden, position_ids, kind) for kind in rotary.layer_types}
+        kinds = cast(list[str], rotary.layer_types)  # sorted(set(config.layer_types))
+        return {kind: rotary(hidden, position_ids, kind) for kind in kinds}
     return rotary(hidden, position_ids)
 
 
@@ -79,5 +80,5 @@ def layer_embeddings(layer: nn.Module, position_embeddings: Any) -> tuple[torch.
     """The (cos, sin) of ``layer``'s kind when the position embeddings are per kind."""
     if not isinstance(position_embeddings, dict):
         return position_embeddings
-    kind = getattr(layer, "attention_type", None) or layer.self_attn.layer_type
+    kind = getattr(layer, "attention_type", None) or cast(nn.Module, layer.self_attn).layer_type
     return position_embeddings[kind]

@@ -9,7 +9,7 @@ is the library's modelling code, not a re-implementation.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ class LMHead(nn.Module):
     """Final RMSNorm then ``lm_head``: hidden states [b, s, h] -> logits [b, s, vocab]
     (soft-capped by ``cap`` where the family does, Gemma 2)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear, cap: float | None = None) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, cap: float | None = None) -> None:
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
@@ -166,7 +166,8 @@ def build_rotary(config: Any, device: torch.device | str) -> nn.Module:
     cls = _family_class(config, "RotaryEmbedding")
     with torch.device("cpu"):
         rotary = cls(config=config)
-    rotary.per_layer_type = arch_for(config).rope_per_layer_type  # Gemma 3: a table per kind
+    # Gemma 3: a table per kind. torch types Module.__setattr__ for tensors and modules only
+    rotary.per_layer_type = arch_for(config).rope_per_layer_type  # type: ignore[assignment]
     return rotary.to(device).eval()
 
 
@@ -192,7 +193,7 @@ def causal_mask_for(
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    attn = layer.self_attn
+    attn = cast(nn.Module, layer.self_attn)
     config = attn.config
     # Qwen2/Qwen3 set self_attn.sliding_window per layer (None on full layers); Mistral reads the config.
     window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))

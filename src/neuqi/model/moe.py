@@ -18,6 +18,8 @@ accumulated (its output for the unrouted tokens is discarded, so the layer's out
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -121,13 +123,15 @@ def unfuse_experts(root: nn.Module, arch: ArchSpec) -> nn.Module:
 
 def _copy_fused(fused: nn.Module, experts: ExpertLinears) -> None:
     """The fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]`` into each expert."""
+    gate_up_proj = cast(torch.Tensor, fused.gate_up_proj)
+    down_proj = cast(torch.Tensor, fused.down_proj)
     with torch.no_grad():
         for e, expert in enumerate(experts):
-            gate, up, down = (getattr(expert, n) for n in expert.names)
-            g, u = fused.gate_up_proj[e].chunk(2, dim=0)
+            gate, up, down = (getattr(expert, n) for n in cast(Expert, expert).names)
+            g, u = gate_up_proj[e].chunk(2, dim=0)
             gate.weight.copy_(g)
             up.weight.copy_(u)
-            down.weight.copy_(fused.down_proj[e])
+            down.weight.copy_(down_proj[e])
 
 
 def _name_block(root: nn.Module, path: str, block: str) -> None:

@@ -28,6 +28,7 @@ from neuqi.util.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PretrainedConfig
 
 FAMILIES = ("llama", "qwen2")
 DTYPES = {"bfloat16": ("BF16", 2), "float32": ("F32", 4)}  # safetensors name, bytes
@@ -72,7 +73,7 @@ class Shape:
         h, m = self.hidden, self.intermediate
         q, kv = self.heads * self.dim, self.kv_heads * self.dim
         p = f"model.layers.{i}."
-        out = [(p + "input_layernorm.weight", (h,))]
+        out: list[tuple[str, tuple[int, ...]]] = [(p + "input_layernorm.weight", (h,))]
         for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             out.append((f"{p}self_attn.{name}.weight", (rows, h)))
             if self.biases:
@@ -87,7 +88,8 @@ class Shape:
         return out
 
     def tensors(self, layers: int) -> list[tuple[str, tuple[int, ...]]]:
-        out = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        out: list[tuple[str, tuple[int, ...]]] = [
+            ("model.embed_tokens.weight", (self.vocab, self.hidden))]
         for i in range(layers):
             out += self.layer_tensors(i)
         out += [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
@@ -180,7 +182,8 @@ def write_config(folder: Path, shape: Shape, layers: int, seqlen: int = 2048,
         num_hidden_layers=layers, num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads, max_position_embeddings=max(seqlen, 2048),
         rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=1,
-        tie_word_embeddings=False, torch_dtype=dtype, **extra,
+        # transformers 5 calls it dtype (and maps torch_dtype to it); 4.x knows only torch_dtype
+        tie_word_embeddings=False, torch_dtype=dtype, **extra,  # type: ignore[call-arg]
     )
     config.save_pretrained(str(folder))
 
@@ -317,7 +320,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
 
 
-def build_from_config(folder: Path, config: object, *, seed: int = 0,
+def build_from_config(folder: Path, config: PretrainedConfig, *, seed: int = 0,
                       tokenizer_dir: Path | None = None, fp8_block: int = 0,
                       moe_block: str | None = None) -> Path:
     """A seeded random checkpoint of any supported ``config`` (transformers config object):

@@ -135,7 +135,9 @@ def distill_output(
 
         if not store.is_done("mse_before"):
             store.mark_done("mse_before", {"mse": mean_loss()})
-        before = store.record("mse_before")["info"]["mse"]
+        record = store.record("mse_before")
+        assert record is not None  # marked done just above
+        before = record["info"]["mse"]
         trainer = Trainer(params, settings, n, loss_of)
         _resume(store, trainer, console)
         kill_after = os.environ.get(KILL_AFTER_STEPS_ENV)

@@ -62,7 +62,11 @@ class Executor(Protocol):
     """Runs tasks; the runner submits, then waits on the futures in the order it needs them."""
 
     device: torch.device  # where tasks compute, as seen by the workers
-    workers: int  # how many tasks can run at once: the runner splits batches this many ways
+
+    @property
+    def workers(self) -> int:
+        """How many tasks can run at once: the runner splits batches this many ways."""
+        ...
 
     def submit(self, fn: Callable[..., T], *args: Any, key: str) -> Future[T]:
         """Run ``fn(*args)``; ``key`` names the task in logs and on the dask dashboard."""

@@ -36,7 +36,7 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise UserError(f"--storage-options: not valid JSON ({exc.msg} at character {exc.pos}); "
                         "give a JSON object such as '{\"endpoint_url\": \"http://HOST:9000\"}'"
                         ) from None

@@ -651,7 +651,7 @@ def detect_gpu(device: str = "cuda") -> str | None:
     return next((key for key, (tag, *_) in GPUS.items() if tag.lower() in name.lower()), None)
 
 
-def gpu_speed(gpu: str, dtype: str) -> dict[str, float]:
+def gpu_speed(gpu: str, dtype: str) -> dict[str, Any]:
     """The speed entries of :func:`_seconds` for ``gpu`` (a :data:`GPUS` name) computing in
     ``dtype``: the stated model, with what it assumed in ``assumptions``."""
     if gpu not in GPUS:

@@ -339,6 +339,7 @@ class Job:
         """``fn`` over layer ``i``'s calibration batches, split in one run per worker (one run
         in all if ``whole``)."""
         total = self.store.array_shape(acts_name(i))[0]
+        assert self.executor is not None
         parts = 1 if whole else self.executor.workers
         runs = tasks.split(batch_starts(total, self.config.batch_size), parts)
         return [self.submit(fn, i, starts, key=f"{what}/{i}/{starts[0]}") for starts in runs]

@@ -334,7 +334,7 @@ class JobStore:
     def write_rows(self, name: str, start: int, tensor: torch.Tensor) -> None:
         """Write ``tensor`` into rows ``start : start + len(tensor)`` of array ``name``."""
         z = self._open(name, "r+")
-        want = arr.torch_dtype(z.attrs["torch_dtype"])
+        want = arr.torch_dtype(str(z.attrs["torch_dtype"]))
         if tensor.dtype != want:
             raise ValueError(f"write_rows({name!r}): tensor is {tensor.dtype}, the array {want}")
         if tuple(tensor.shape[1:]) != tuple(z.shape[1:]) or not 0 <= start <= z.shape[0] - len(
@@ -355,7 +355,7 @@ class JobStore:
     ) -> torch.Tensor:
         """Read array ``name`` (or only ``rows`` of it) as a tensor of its original dtype."""
         z = self._open(name)
-        dtype = arr.torch_dtype(z.attrs["torch_dtype"])
+        dtype = arr.torch_dtype(str(z.attrs["torch_dtype"]))
         data = z[...] if rows is None else z[rows]
         return arr.from_numpy(data, dtype).to(device)
 
@@ -365,7 +365,7 @@ class JobStore:
 
     def array_dtype(self, name: str) -> torch.dtype:
         """Torch dtype of array ``name``."""
-        return arr.torch_dtype(self._open(name).attrs["torch_dtype"])
+        return arr.torch_dtype(str(self._open(name).attrs["torch_dtype"]))
 
     def array_names(self, prefix: str = "") -> list[str]:
         """Names of all arrays at or under ``prefix``, in natural order."""

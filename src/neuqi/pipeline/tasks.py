@@ -15,7 +15,7 @@ import math
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -245,8 +245,8 @@ def load_quantized_weights(
     norms their distilled weights when it was distilled with them."""
     for linear in ckpt.arch.linears_of(layer_index):
         codes, scale, zero = quant_params(store, layer_index, linear, device)
-        module = layer.get_submodule(linear)
-        module.weight.data = dequantize(codes, scale, zero, config.group_size, module.weight.dtype)
+        weight = cast(torch.Tensor, layer.get_submodule(linear).weight)
+        weight.data = dequantize(codes, scale, zero, config.group_size, weight.dtype)
     load_distilled_norms(store, layer, distilled_norms(store, layer_index))
 
 

@@ -19,6 +19,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,8 @@ class QuantLinear(nn.Module):
     ``scale`` and ``zero_point`` (float32 parameters ``[out, n_groups]``); the uint8 codes are a
     frozen buffer. Used only for training; the result is stored as a neuqi output."""
 
+    codes: torch.Tensor  # the buffer (registered in __init__), for the type checker
+
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                  group_size: int, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -93,7 +96,9 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_dequant(cls, module: nn.Module) -> QuantLinear:
         """From a :class:`neuqi.formats.loader.DequantLinear` (codes shared, scales/zeros copied)."""
-        return cls(module.codes, module.scales, module.zeros, module.group_size, module.bias)
+        return cls(cast(torch.Tensor, module.codes), cast(torch.Tensor, module.scales),
+                   cast(torch.Tensor, module.zeros), cast(int, module.group_size),
+                   cast("torch.Tensor | None", module.bias))
 
     def weight_hat(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero_point, self.group_size, dtype)
@@ -140,7 +145,7 @@ def with_quant_linears(layer: nn.Module, linears: dict[str, tuple[torch.Tensor, 
     student = copy.deepcopy(layer)
     for name, (codes, scale, zero) in linears.items():
         old = student.get_submodule(name)
-        new = QuantLinear(codes, scale, zero, group_size, old.bias)
+        new = QuantLinear(codes, scale, zero, group_size, cast("torch.Tensor | None", old.bias))
         parent, _, child = name.rpartition(".")
         setattr(student.get_submodule(parent) if parent else student, child, new)
     return student

@@ -192,7 +192,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             j = i1 + i
             grp = groups_of[j]
-            if j in group_start:
+            if lazy is not None and j in group_start:  # group_start is empty unless lazy
                 cols = group_positions[grp]
                 current = _current_columns(w, block, errors[:, :i], upper, cols, i1, i2, j)
                 scale[:, grp], zero_point[:, grp] = _lazy_params(

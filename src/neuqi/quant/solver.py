@@ -438,13 +438,14 @@ def search_scale(
 
     def best_of(
         scales: Tensor, skip: Tensor | None = None, with_integer: bool = False
-    ) -> tuple[Tensor, ...]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Best candidate of ``scales [G, C]`` (ignoring those marked in ``skip``): its scale,
         zero-point and loss, and (``with_integer``) the best scale under an integer zero-point."""
         z0 = relaxed_zero_point(w_sorted, hs_prefix, hws_prefix, scales, levels)
         x = w.unsqueeze(1) / scales.unsqueeze(-1)  # [G, C, m]
         h3 = h.unsqueeze(1)
         s2 = scales * scales
+        loss_int: Tensor | None
         if integer:
             z, e = window_integer_zero_point(x, h3, z0, levels)
             loss = loss_int = s2 * e
@@ -483,6 +484,7 @@ def search_scale(
         # (where it differs) makes NeUQI at least as good as NeUQI-int on every group: at every
         # scale the integers of the window are among the continuous candidates. Both grids go in
         # one call, so the candidate tensor has the coarse stage's shape.
+        assert s_ci is not None  # the coarse stage ran with_integer
         fine = torch.cat([s_c.unsqueeze(1) + j, s_ci.unsqueeze(1) + j], 1)
         skip = torch.cat([torch.zeros_like(j, dtype=torch.bool),
                           (s_ci == s_c).unsqueeze(1).expand_as(j)], 1)

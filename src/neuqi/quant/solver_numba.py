@@ -36,6 +36,8 @@ another kind of CPU; on one machine the result is always the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 import torch
@@ -58,7 +60,13 @@ LAST_EVALS = [0.0]
 _F32 = np.float32
 
 
-@njit(cache=True, inline="always", _nrt=False)
+def _njit_no_nrt(**options: Any) -> Any:
+    """``njit(**options)`` without numba's runtime (``_nrt=False``, see the module note)."""
+    # _nrt is a private option of numba's, which the njit signature in its type stubs lacks
+    return njit(_nrt=False, **options)  # type: ignore[call-overload]
+
+
+@_njit_no_nrt(cache=True, inline="always")
 def _search_left(a, lo, hi, v):
     """First index in ``[lo, hi]`` with ``a[i] >= v`` (``hi`` if none): torch.searchsorted."""
     while lo < hi:
@@ -70,7 +78,7 @@ def _search_left(a, lo, hi, v):
     return lo
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _search_right(a, lo, hi, v):
     """First index in ``[lo, hi]`` with ``a[i] > v`` (``hi`` if none): searchsorted(right=True)."""
     while lo < hi:
@@ -82,7 +90,7 @@ def _search_right(a, lo, hi, v):
     return lo
 
 
-@njit(cache=True, _nrt=False)
+@_njit_no_nrt(cache=True)
 def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     """:func:`neuqi.quant.solver.relaxed_zero_point` for one group and one scale, in the same float32
     operations (``ws`` sorted float32, ``hs_p``/``hws_p`` its float32 prefix sums).
@@ -151,7 +159,7 @@ def _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer):
     return min(max(z0, lo), hi), prev_low, prev_high, mid, half * (hi - lo)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
     """The float64 prefix sums of ``h``, ``h w`` and ``h w²`` in sorted order (``ws`` sorted,
     ``hs`` in its order) that :func:`_relaxed_bound` reads, written into ``p_*`` (length m + 1,
@@ -164,7 +172,7 @@ def _bound_prefix_sums(ws, hs, p_h, p_hw, p_hw2):
         p_hw2[i + 1] = p_hw2[i] + hi * wi * wi
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _relaxed_bound(p_h, p_hw, p_hw2, s, z, n1, k_low, k_high, spread):
     """A lower bound of ``s² E`` anywhere, so of the window's smallest loss (float64, from prefix
     sums of ``h``, ``h w``, ``h w²`` in sorted order): ``f <= E`` and ``f`` is convex, so with its
@@ -210,7 +218,7 @@ def _window_buffers(m, k):
             np.empty(2 * k, np.int64))
 
 
-@njit(cache=True, fastmath={"reassoc"}, _nrt=False)
+@_njit_no_nrt(cache=True, fastmath={"reassoc"})
 def _window_pass(w, h, inv, start, n1, kf, vals, bk_a):
     """The per-weight part of :func:`_window_exact`'s first pass, free of loop-carried state but
     its sums, so that it runs on SIMD lanes (``reassoc`` lets the compiler split the sums of
@@ -245,7 +253,7 @@ def _window_pass(w, h, inv, start, n1, kf, vals, bk_a):
     return a0, b0, c0
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _crossing_dc(hv, r, phase):
     """``ΔC`` where a weight's code rises in the window: ``h (1 - 2r)`` at ``u₁`` (``phase`` 0),
     ``h (3 - 2r)`` at ``u₁ + 1`` (1), from its residual ``r`` (:func:`_window_pass`); the bucket
@@ -253,7 +261,7 @@ def _crossing_dc(hv, r, phase):
     return hv * (1.0 - 2.0 * r) if phase == 0 else hv * (3.0 - 2.0 * r)
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _piece_min(aa, inv_a, bb, cc, lo, hi):
     """``(u, E(u))`` at the minimum of one piece ``E = A u² + 2Bu + C`` of the window on
     ``[lo, hi]``: its vertex ``-B/A`` clamped to the interval."""
@@ -261,7 +269,7 @@ def _piece_min(aa, inv_a, bb, cc, lo, hi):
     return u, u * (aa * u + 2.0 * bb) + cc
 
 
-@njit(cache=True, _nrt=False)
+@_njit_no_nrt(cache=True)
 def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     """:func:`neuqi.quant.solver.window_zero_point` for one group and one scale, in float64: the exact
     minimiser of ``E`` on ``[z₀ - 1, z₀ + 1]``. Returns ``(z, s² E(z))``, or ``(0, inf)`` when
@@ -399,7 +407,7 @@ def _window_exact(w, h, s, z0, n1, threshold, k, buf):
     return 0.0, np.inf
 
 
-@njit(cache=True, fastmath={"reassoc"}, _nrt=False)
+@_njit_no_nrt(cache=True, fastmath={"reassoc"})
 def _integer_sums(w, h, inv, first, n1):
     """``E`` at the integers ``first``, ``first + 1`` and ``first + 2`` in one pass (for
     :func:`_window_integer`); ``reassoc`` lets the three sums run on SIMD lanes."""
@@ -418,7 +426,7 @@ def _integer_sums(w, h, inv, first, n1):
     return e0, e1, e2
 
 
-@njit(cache=True, _nrt=False)
+@_njit_no_nrt(cache=True)
 def _window_integer(w, h, s, z0, n1):
     """:func:`neuqi.quant.solver.window_integer_zero_point` for one group and scale: the best integer
     ``z`` in ``[z₀ - 1, z₀ + 1]`` (the first of equals) and its loss ``s² E(z)``; the (up to)
@@ -435,7 +443,7 @@ def _window_integer(w, h, s, z0, n1):
     return best_z, s2 * best
 
 
-@njit(cache=True, _nrt=False)
+@_njit_no_nrt(cache=True)
 def _pair_terms(ws, hs, terms):
     """What :func:`_pair_bound` needs of a group's outer weight pairs, the same for every scale
     (``ws`` sorted, ``hs`` in its order): ``terms[:, i] = (g, h_a h_b / (h_a + h_b),
@@ -453,7 +461,7 @@ def _pair_terms(ws, hs, terms):
     return n
 
 
-@njit(cache=True, _nrt=False)
+@_njit_no_nrt(cache=True)
 def _pair_bound(terms, n_pairs, s, n1):
     """A lower bound of ``s² E`` anywhere (float64), without the relaxed step's bisection.
 
@@ -478,7 +486,7 @@ def _pair_bound(terms, n_pairs, s, n1):
     return total
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@_njit_no_nrt(cache=True, inline="always")
 def _relax(ws, hs_p, hws_p, p_h, p_hw, p_hw2, s, n1, iterations, integer):
     """The relaxed step of one candidate: ``(z₀, lower bound of its loss)``."""
     z0, k_low, k_high, z_k, spread = _relaxed_z0(ws, hs_p, hws_p, s, n1, iterations, integer)
@@ -671,7 +679,9 @@ def search_scale_numba(
     scale = np.empty(w.shape[0], np.float32)
     zero = np.empty(w.shape[0], np.float32)
     evals = np.empty(w.shape[0], np.int64)
-    numba.set_num_threads(min(max(1, torch.get_num_threads()), numba.config.NUMBA_NUM_THREADS))
+    # numba.config sets NUMBA_NUM_THREADS from the environment through globals(): mypy cannot see it
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(min(max(1, torch.get_num_threads()), most))
     _search(w.numpy(), h.numpy(), w_sorted.numpy(), h_sorted.contiguous().numpy(),
             hs_prefix.numpy(), hws_prefix.numpy(), s_mm.contiguous().numpy(), levels, integer,
             iterations, *grid, bucket_count(w.shape[1]), scale, zero, evals)

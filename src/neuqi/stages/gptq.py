@@ -138,7 +138,9 @@ def raised_damping_note(store: JobStore, layer: int, linears: tuple[str, ...]) -
     """For the layer's log line: the linears whose Hessian needed more than the default damping."""
     raised = []
     for linear in linears:
-        damp = store.record(f"solve/{layer}/{linear}")["info"].get("damp", DAMP)
+        record = store.record(f"solve/{layer}/{linear}")
+        assert record is not None, f"solve/{layer}/{linear} is not done"
+        damp = record["info"].get("damp", DAMP)
         if damp is None or damp > DAMP:
             what = "none worked, rounded" if damp is None else f"{damp:g}"
             raised.append(f"{linear.split('.')[-1]} {what}")

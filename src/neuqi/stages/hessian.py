@@ -127,7 +127,7 @@ def _expert_fallback(sums: list[BatchSums], groups: list[str], info: dict[str, A
     experts = sorted({int(g[1:].split("_")[0]) for g in groups if g.startswith("e")})
     if not experts:
         return totals
-    pooled_out = [totals[f"e{e}_out"] for e in experts if totals[f"e{e}_out"][0] is not None]
+    pooled_out = [(t, n) for t, n in (totals[f"e{e}_out"] for e in experts) if t is not None]
     out_all = (sum(t for t, _ in pooled_out), sum(n for _, n in pooled_out)) if pooled_out else (
         None, 0)
     expert_tokens = [totals[f"e{e}_in"][1] for e in experts]

@@ -11,6 +11,7 @@ the MLP acts on each token alone, so the chunks give the same values.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -51,12 +52,12 @@ def load_layer(
         layer.requires_grad_(False)
         layer.eval()
     if mlp_chunk:
-        _chunk_tokens(layer.mlp, mlp_chunk)
+        _chunk_tokens(cast(nn.Module, layer.mlp), mlp_chunk)
     return layer
 
 
 def _stream_weight(module: nn.Module, linear: str, source: WeightSource) -> None:
-    shape = module.weight.shape
+    shape = cast(torch.Tensor, module.weight).shape
 
     def load(mod: nn.Module, _args: tuple) -> None:
         mod.weight = nn.Parameter(source(linear), requires_grad=False)

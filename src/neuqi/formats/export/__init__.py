@@ -63,10 +63,11 @@ class ExportReport:
     def summary(self) -> str:
         if self.native_loss is None or self.export_loss is None:
             return f"{self.format}: weighted loss not measured (no source weights)"
-        rel = self.added_loss / self.native_loss if self.native_loss > 0 else 0.0
+        added = self.export_loss - self.native_loss  # self.added_loss, not None here
+        rel = added / self.native_loss if self.native_loss > 0 else 0.0
         line = (
             f"{self.format}: weighted loss {self.export_loss:.6g} vs native {self.native_loss:.6g}"
-            f" (added {self.added_loss:+.4g}, {100 * rel:+.3f}%)"
+            f" (added {added:+.4g}, {100 * rel:+.3f}%)"
         )
         if self.re_solved:
             line += (

@@ -387,8 +387,9 @@ class GGUFExporter:
             raise UserError(f"{gname}: experts of one projection written as {kind} and {qtype}; "
                             f"a stacked GGUF tensor has one type")
         stack[e] = blocks
-        if all(b is not None for b in stack):
-            self.writer.add_tensor(gname, np.ascontiguousarray(np.stack(stack)),
+        ready = [b for b in stack if b is not None]
+        if len(ready) == len(stack):
+            self.writer.add_tensor(gname, np.ascontiguousarray(np.stack(ready)),
                                    raw_dtype=gguf.GGMLQuantizationType[qtype])
             del self._experts[gname]
 
@@ -422,10 +423,10 @@ class GGUFExporter:
         if name.endswith("rotary_emb.inv_freq"):
             return
         gname = self._gguf_name(name)
-        data = tensor.to(torch.float32)
+        t = tensor.to(torch.float32)
         if self.layout.norm_shift and name.endswith("norm.weight"):
-            data = data + self.layout.norm_shift  # llama.cpp multiplies by the stored weight
-        data = data.contiguous().numpy()
+            t = t + self.layout.norm_shift  # llama.cpp multiplies by the stored weight
+        data = t.contiguous().numpy()
         if gname.endswith(_FLOAT_TENSORS):  # routers, as convert_hf_to_gguf keeps them
             self.writer.add_tensor(gname, data.reshape(-1) if data.shape[0] == 1 else data)
             self.plain_types[name] = "F32"
