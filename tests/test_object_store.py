@@ -30,6 +30,7 @@ moto_server = pytest.importorskip("moto.server")
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.jobinfo import job_status
 from neuqi.pipeline.lock import LEASE_ENV
+from neuqi.pipeline.plan import make_plan
 from neuqi.pipeline.runner import quantize
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
@@ -97,12 +98,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(model: Path, out: Path, job: str | None, storage_options: dict[str, Any] | None = None,
-        scheduler: str | None = None, **options: Any) -> Path:
+def run(model: Path | str, out: Path, job: str | None,
+        storage_options: dict[str, Any] | None = None, scheduler: str | None = None,
+        keep_job: bool = False, **options: Any) -> Path:
     config = QuantizeConfig(model=str(model), out=str(out), **{**OPTIONS, **options})
     with one_thread():
         return quantize(config, job, "cpu", Console(stderr=True, quiet=True), scheduler,
-                        storage_options=storage_options)
+                        keep_job=keep_job, storage_options=storage_options)
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +117,22 @@ def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_s3_job_is_bitwise_the_local_one(
     s3: S3, tiny_llama: Path, tmp_path: Path, reference: dict[str, bytes]
 ) -> None:
+    """Kept (--keep-job), so that the bucket's objects are held against `neuqi plan`'s count."""
     bucket = s3.bucket("single")
     url = f"s3://{bucket}/jobs/tiny"
-    out = run(tiny_llama, tmp_path / "out", url, s3.options)
+    out = run(tiny_llama, tmp_path / "out", url, s3.options, keep_job=True)
     assert output_files(out) == reference
-    keys = set(s3.objects(bucket))
+    objects = s3.objects(bucket)
+    keys = set(objects)
+    # the plan's objects: exact (one object a chunk, a zarr.json an array, one a record); its
+    # bytes within 2 %: the zarr.json and record sizes are estimates (RECORD_BYTES, ...)
+    config = QuantizeConfig(model=str(tiny_llama), out="-", **OPTIONS)
+    cost = make_plan(config, "cpu", with_probe=False).store
+    assert cost is not None
+    assert cost.objects_kept == len(objects)
+    stored = sum(len(v) for v in objects.values())
+    assert abs(cost.bytes_kept - stored) <= 0.02 * stored, (cost.bytes_kept, stored)
+    assert cost.objects_written > cost.objects_peak > cost.objects_kept
     assert "jobs/tiny/zarr.json" in keys and "jobs/tiny/done/pack.json" in keys
     assert not any(k.startswith("jobs/tiny/arrays/") and k.endswith("/c/0/0/0") for k in keys)
     assert "jobs/tiny/LOCK" not in keys  # released
