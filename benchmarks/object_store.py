@@ -61,6 +61,19 @@ def neuqi(*args: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     return time.perf_counter() - started, r.stdout
 
 
+def outputs(out: Path) -> dict[str, bytes]:
+    """Every file of an output folder; neuqi.json without its creation time."""
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == "neuqi.json":
+            meta = json.loads(data)
+            meta["created"].pop("time", None)
+            data = json.dumps(meta, sort_keys=True).encode()
+        files[path.relative_to(out).as_posix()] = data
+    return files
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
@@ -107,8 +120,7 @@ def main() -> None:
                 Bucket="bench") for o in page.get("Contents", [])]
         finally:
             server.stop()
-        same = all((work / "out-local" / p.name).read_bytes() == p.read_bytes()
-                   for p in (work / "out-s3").iterdir() if p.is_file())
+        same = outputs(work / "out-local") == outputs(work / "out-s3")
         rows.append([(f"smollm2, --job s3://... --keep-job (moto on 127.0.0.1; output "
                      f"{'bitwise' if same else 'NOT'} the local one's)"), f"{wall:.0f} s",
                      f"{len(objects)} objects", mib(sum(o['Size'] for o in objects)),
