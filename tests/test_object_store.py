@@ -30,6 +30,7 @@ moto_server = pytest.importorskip("moto.server")
 from neuqi.pipeline.config import QuantizeConfig
 from neuqi.pipeline.jobinfo import job_status
 from neuqi.pipeline.lock import LEASE_ENV
+from neuqi.pipeline.plan import make_plan
 from neuqi.pipeline.runner import quantize
 from neuqi.pipeline.store import JobStore
 from neuqi.pipeline.tasks import KILL_AFTER_ENV
@@ -61,6 +62,13 @@ class S3:
     def bucket(self, name: str) -> str:
         self.client.create_bucket(Bucket=name)
         return name
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Every file of ``folder`` under ``prefix``; the folder's URL."""
+        for path in folder.iterdir():
+            if path.is_file():
+                self.client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+        return f"s3://{bucket}/{prefix}"
 
     def objects(self, bucket: str) -> dict[str, bytes]:
         keys = [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
@@ -97,12 +105,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def run(model: Path, out: Path, job: str | None, storage_options: dict[str, Any] | None = None,
-        scheduler: str | None = None, **options: Any) -> Path:
+def run(model: Path | str, out: Path, job: str | None,
+        storage_options: dict[str, Any] | None = None, scheduler: str | None = None,
+        keep_job: bool = False, **options: Any) -> Path:
     config = QuantizeConfig(model=str(model), out=str(out), **{**OPTIONS, **options})
     with one_thread():
         return quantize(config, job, "cpu", Console(stderr=True, quiet=True), scheduler,
-                        storage_options=storage_options)
+                        keep_job=keep_job, storage_options=storage_options)
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +124,22 @@ def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 def test_s3_job_is_bitwise_the_local_one(
     s3: S3, tiny_llama: Path, tmp_path: Path, reference: dict[str, bytes]
 ) -> None:
+    """Kept (--keep-job), so that the bucket's objects are held against `neuqi plan`'s count."""
     bucket = s3.bucket("single")
     url = f"s3://{bucket}/jobs/tiny"
-    out = run(tiny_llama, tmp_path / "out", url, s3.options)
+    out = run(tiny_llama, tmp_path / "out", url, s3.options, keep_job=True)
     assert output_files(out) == reference
-    keys = set(s3.objects(bucket))
+    objects = s3.objects(bucket)
+    keys = set(objects)
+    # the plan's objects: exact (one object a chunk, a zarr.json an array, one a record); its
+    # bytes within 2 %: the zarr.json and record sizes are estimates (RECORD_BYTES, ...)
+    config = QuantizeConfig(model=str(tiny_llama), out="-", **OPTIONS)
+    cost = make_plan(config, "cpu", with_probe=False).store
+    assert cost is not None
+    assert cost.objects_kept == len(objects)
+    stored = sum(len(v) for v in objects.values())
+    assert abs(cost.bytes_kept - stored) <= 0.02 * stored, (cost.bytes_kept, stored)
+    assert cost.objects_written > cost.objects_peak > cost.objects_kept
     assert "jobs/tiny/zarr.json" in keys and "jobs/tiny/done/pack.json" in keys
     assert not any(k.startswith("jobs/tiny/arrays/") and k.endswith("/c/0/0/0") for k in keys)
     assert "jobs/tiny/LOCK" not in keys  # released
@@ -231,6 +251,8 @@ def test_bad_endpoint_bucket_and_options_are_one_line_before_any_work(
          "--storage-options: not valid JSON"),
         (["quantize", str(tiny_llama), "--out", str(out), "--job", "nosuchproto://b/j"],
          "no filesystem for nosuchproto://"),
+        (["quantize", "s3://no-such-bucket/model", "--out", str(out), "--storage-options",
+          json.dumps(s3.options)], "MODEL s3://no-such-bucket/model: cannot read it"),
     ]
     for args, want in cases:
         started = time.perf_counter()
@@ -240,15 +262,25 @@ def test_bad_endpoint_bucket_and_options_are_one_line_before_any_work(
     assert not out.exists()
 
 
-def test_workers_sharing_nothing_but_the_store(
+def _same_but_the_source_path(files: dict[str, bytes], source: str) -> dict[str, bytes]:
+    """``files`` (of :func:`output_files`) with neuqi.json's source path checked and left out."""
+    meta = json.loads(files["neuqi.json"])
+    assert meta["source"].pop("path") == source
+    return {**files, "neuqi.json": json.dumps(meta, sort_keys=True).encode()}
+
+
+def test_workers_sharing_nothing_but_the_bucket(
     s3: S3, tiny_llama: Path, tmp_path: Path, reference: dict[str, bytes]
 ) -> None:
     """Two `dask worker` processes, each started in its own empty folder, with no path of this
-    process's disk but the model's: the job store is on S3, the output is packed here."""
+    process's disk: MODEL and the job store are on S3 (the workers read the model's tensors by
+    byte ranges from the bucket), the output is packed here. Bitwise the local job's output,
+    the source's fingerprint (samples of every tensor's bytes) included."""
     import distributed
 
     bucket = s3.bucket("workers")
     url = f"s3://{bucket}/job"
+    model = s3.upload(tiny_llama, bucket, "models/tiny")
     env = {**os.environ, **ONE_THREAD}
     with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None,
                                   protocol="tcp", host="127.0.0.1") as cluster:
@@ -266,14 +298,15 @@ def test_workers_sharing_nothing_but_the_store(
                 client.wait_for_workers(2, timeout=90)
                 cwds = set(client.run(os.getcwd).values())
                 assert cwds == {str(h) for h in homes}
-            out = run(tiny_llama, tmp_path / "out", url, s3.options,
+            out = run(model, tmp_path / "out", url, s3.options,
                       scheduler=cluster.scheduler_address)
         finally:
             for proc in procs:
                 proc.terminate()
             for proc in procs:
                 proc.wait(timeout=60)
-    assert output_files(out) == reference
+    assert _same_but_the_source_path(output_files(out), model) == _same_but_the_source_path(
+        reference, str(tiny_llama))
     for home in homes:  # nothing written beside the workers' own scratch
         assert {p.name for p in home.iterdir()} <= {"scratch"}
     records = JobStore.open_existing(url, s3.options).records()

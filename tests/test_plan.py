@@ -277,3 +277,11 @@ def test_a_cuda_out_of_memory_is_one_line_naming_the_stage(tiny_model: Path) -> 
     for word in ("CUDA out of memory in stage solve/3/mlp.down_proj", "--max-memory 20.00 GiB",
                  "smallest budget", "same command"):
         assert word in text, text
+
+
+def test_store_cost_mirrors_the_gptq_hessian_blocks() -> None:
+    """plan.HESSIAN_BLOCK_BYTES is the GPTQ stage's (the plan imports no stage)."""
+    from neuqi.pipeline import plan
+    from neuqi.stages import gptq
+
+    assert plan.HESSIAN_BLOCK_BYTES == gptq.HESSIAN_BLOCK_BYTES

@@ -369,6 +369,10 @@ def plan(
     console.print(f"job store peak {fmt(result.disk_peak)} ("
                   + ", ".join(f"{n} {fmt(b)}" for n, b in result.disk_pieces.items()) + ")",
                   highlight=False)
+    if result.store is not None:
+        from neuqi.pipeline.plan import store_line
+
+        console.print(store_line(result.store), soft_wrap=True, highlight=False, markup=False)
     console.print(f"smallest budget that works: {fmt(result.floor)} (largest unavoidable piece: "
                   f"{result.floor_piece})", highlight=False)
     console.print(result.summary(), soft_wrap=True, highlight=False, markup=False)

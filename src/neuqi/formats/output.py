@@ -494,7 +494,8 @@ class OutputWriter:
 
     def _meta(self) -> dict[str, Any]:
         source: dict[str, Any] = {
-            "path": str(self.source.path),
+            "path": str(self.source.remote.url if self.source.remote is not None
+                        else self.source.path),
             "model_type": getattr(self.source.config, "model_type", None),
         }
         try:

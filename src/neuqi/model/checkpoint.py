@@ -16,7 +16,8 @@ from neuqi.model.architectures import ArchSpec, arch_for
 from neuqi.model.safety import check_path_fields
 from neuqi.util.errors import UserError
 
-__all__ = ["FP8_SCALE", "HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "resolve_model"]
+__all__ = ["FP8_SCALE", "HUB_PATTERNS", "INDEX_FILE", "SINGLE_FILE", "Checkpoint", "Remote",
+           "open_model", "resolve_model"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,20 +28,99 @@ _MAX_HEADER = 100_000_000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _read_header(path: Path) -> tuple[bytes, dict[str, Any]]:
-    """Raw header bytes and parsed header of a safetensors file; UserError if damaged."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
+class Remote:
+    """A model folder on object storage (``s3://bucket/model``, any fsspec URL): its files read
+    whole when small, a safetensors shard by byte ranges (its header, then one tensor at a time;
+    never a whole shard). Picklable: dask workers receive it inside the Checkpoint and read the
+    tensors from the bucket themselves."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._options = dict(storage_options or {})
+        self._fs: Any = None
+        self._root = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def __repr__(self) -> str:  # never the options: they may hold credentials
+        return f"Remote({self.url!r})"
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            try:
+                from fsspec.core import url_to_fs
+            except ImportError:
+                raise UserError(f"MODEL {self.url}: a model on object storage needs fsspec (and "
+                                f"s3fs for s3://): pip install 'neuqi[s3]'") from None
+            try:
+                self._fs, root = url_to_fs(self.url, **self._options)
+            except (ImportError, ValueError) as e:
+                raise UserError(f"MODEL {self.url}: no filesystem for it ({e})") from None
+            self._root = str(root).rstrip("/")
+        return self._fs
+
+    def show(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _key(self, name: str) -> str:
+        fs = self.fs
+        del fs
+        return f"{self._root}/{name}"
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self._key(name)))
+
+    def is_file(self, name: str) -> bool:
+        return bool(self.fs.isfile(self._key(name)))
+
+    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes ``start:end`` of file ``name`` (one ranged GET; the whole file without them)."""
+        return bytes(self.fs.cat_file(self._key(name), start=start, end=end))
+
+    def listing(self) -> list[str]:
+        """The file names of the folder (no subfolders)."""
+        return sorted(str(p).rsplit("/", 1)[-1] for p in self.fs.ls(self._root, detail=False)
+                      if self.fs.isfile(p))
+
+
+def _is_url(model: str) -> bool:
+    return "://" in model and not model.startswith("file://")
+
+
+def _read_header(path: Path | str, remote: Remote | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Raw header bytes and parsed header of a safetensors file (``path``: a local file, or the
+    file name in ``remote``); UserError if damaged."""
+    if remote is not None:
+        size = remote.size(str(path))
+        head = remote.read(str(path), 0, min(8, size))
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        ok = len(head) == 8 and n <= _MAX_HEADER and 8 + n <= size
+        raw = remote.read(str(path), 8, 8 + n) if ok else b""
+        path = remote.show(str(path))
         if len(head) < 8:
             raise UserError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
+        if not ok:
             raise UserError(
                 f"{path}: truncated or not a safetensors file (header of {n} bytes, file of "
                 f"{size}); re-download it"
             )
-        raw = f.read(n)
+    else:
+        path = Path(path)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(
+                    f"{path}: truncated safetensors file ({size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise UserError(
+                    f"{path}: truncated or not a safetensors file (header of {n} bytes, file of "
+                    f"{size}); re-download it"
+                )
+            raw = f.read(n)
     try:
         header = json.loads(raw)
     except ValueError as e:
@@ -85,7 +165,7 @@ _DTYPE_BYTES = {
 }
 
 
-def _tensor_span(path: Path, name: str, info: Any) -> tuple[int, int]:
+def _tensor_span(path: Path | str, name: str, info: Any) -> tuple[int, int]:
     """(begin, end) of tensor ``name``'s bytes, checked against its dtype and shape."""
     bad = UserError(f"{path}: damaged safetensors header at {name!r}; re-download it")
     if not isinstance(info, dict):
@@ -157,8 +237,10 @@ class Checkpoint:
         weight_map: dict[str, str],
         headers: dict[str, dict[str, Any]],
         header_hashes: dict[str, str],
+        remote: Remote | None = None,
     ) -> None:
         self.path = path
+        self.remote = remote  # the shards are read from there (path: the small files' copy)
         self.config = config
         self.arch = arch
         self._weight_map = weight_map
@@ -167,8 +249,10 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        """Open and validate a model folder; every problem found is a one-line UserError."""
+    def open(cls, path: str | Path, remote: Remote | None = None) -> Checkpoint:
+        """Open and validate a model folder; every problem found is a one-line UserError.
+        ``remote``: the folder on object storage whose small files ``path`` holds a copy of
+        (:func:`open_model`); its shards are read there."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise UserError(f"{path}: model folder does not exist")
@@ -190,22 +274,26 @@ class Checkpoint:
         arch = arch_for(config)  # the parsed config may add keys (e.g. MoE defaults)
         config._attn_implementation = arch.attn_implementation(config)  # eager to soft-cap
 
-        weight_map = _weight_map(path)
+        weight_map = _weight_map(path, remote)
         arch = arch.for_names(weight_map)  # the MoE block as the checkpoint names it (Mixtral)
         headers: dict[str, dict[str, Any]] = {}
         hashes: dict[str, str] = {}
+        sizes: dict[str, int] = {}  # each shard's header length: its data starts at 8 + this
         for shard in sorted(set(weight_map.values())):
-            raw, header = _read_header(path / shard)
+            raw, header = _read_header(shard, remote) if remote else _read_header(path / shard)
             headers[shard] = header
             hashes[shard] = hashlib.sha256(raw).hexdigest()
-            _check_safe_open(path / shard)
+            sizes[shard] = len(raw)
+            if remote is None:
+                _check_safe_open(path / shard)
         for name, shard in weight_map.items():
             if name not in headers[shard]:
                 raise UserError(
                     f"{path / INDEX_FILE}: tensor {name} is mapped to {shard}, which does not "
                     f"contain it; fix the index or re-download the checkpoint"
                 )
-        ckpt = cls(path, config, arch, weight_map, headers, hashes)
+        ckpt = cls(path, config, arch, weight_map, headers, hashes, remote)
+        ckpt._raw_sizes = sizes
         ckpt._check_complete()
         return ckpt
 
@@ -301,10 +389,13 @@ class Checkpoint:
         self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """One tensor, read alone from its shard; floating tensors cast to ``dtype`` if given."""
-        from safetensors import safe_open
+        if self.remote is not None:
+            t = self._read_remote(name)
+        else:
+            from safetensors import safe_open
 
-        with safe_open(str(self.shard_of(name)), framework="pt") as f:
-            t = f.get_tensor(name)
+            with safe_open(str(self.shard_of(name)), framework="pt") as f:
+                t = f.get_tensor(name)
         scale_name = self.fp8_scale_of(name)
         if scale_name is not None:
             qc = getattr(self.config, "quantization_config", None) or {}
@@ -321,6 +412,22 @@ class Checkpoint:
             t = t.to(dtype)
         return t
 
+    def _read_remote(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` by one ranged read of its bytes in its shard (never the whole shard)."""
+        assert self.remote is not None
+        shard = self._shard(name)
+        info = self._headers[shard][name]
+        begin, end = info["data_offsets"]
+        base = 8 + self._raw_sizes[shard]
+        data = self.remote.read(shard, base + begin, base + end) if end > begin else b""
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"{self.remote.show(shard)}: tensor {name} has dtype "
+                            f"{info['dtype']}, which neuqi cannot read from object storage")
+        flat = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(
+            0, dtype=dtype)
+        return flat.reshape(info["shape"])
+
     def fingerprint(self) -> str:
         """sha256 over config.json, the index (if any), each shard's name, size and header hash,
         and samples of every tensor's bytes (its first and last 4 KiB).
@@ -332,10 +439,14 @@ class Checkpoint:
         h = hashlib.sha256()
         h.update(b"config.json\0" + (self.path / "config.json").read_bytes())
         index = self.path / INDEX_FILE
-        if index.is_file():
+        if self.remote is not None:
+            if self.remote.is_file(INDEX_FILE):
+                h.update(b"\0" + INDEX_FILE.encode() + b"\0" + self.remote.read(INDEX_FILE))
+        elif index.is_file():
             h.update(b"\0" + INDEX_FILE.encode() + b"\0" + index.read_bytes())
         for shard in self.shards:
-            size = (self.path / shard).stat().st_size
+            size = (self.remote.size(shard) if self.remote is not None
+                    else (self.path / shard).stat().st_size)
             h.update(f"\0{shard}\0{size}\0{self._header_hashes[shard]}".encode())
             h.update(self._data_samples(shard))
         return h.hexdigest()
@@ -346,6 +457,15 @@ class Checkpoint:
         spans = sorted(
             tuple(info["data_offsets"]) for name, info in header.items() if name != "__metadata__"
         )
+        if self.remote is not None:  # the same bytes, two ranged reads a tensor
+            base, parts = 8 + self._raw_sizes[shard], []
+            for begin, end in spans:
+                parts.append(self.remote.read(shard, base + begin,
+                                              base + min(end, begin + block)))
+                if end - begin > block:
+                    tail = max(begin + block, end - block)
+                    parts.append(self.remote.read(shard, base + tail, base + end))
+            return hashlib.sha256(b"".join(parts)).digest()
         with (self.path / shard).open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             base = 8 + n
@@ -395,8 +515,10 @@ def _load_config(path: Path) -> Any:
         raise UserError(f"{path / 'config.json'}: transformers cannot read it ({msg})") from None
 
 
-def _weight_map(path: Path) -> dict[str, str]:
+def _weight_map(path: Path, remote: Remote | None = None) -> dict[str, str]:
     """Tensor name -> shard file name, from the index or the single file; shards checked to exist."""
+    if remote is not None:
+        return _remote_weight_map(remote)
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -423,6 +545,81 @@ def _weight_map(path: Path) -> dict[str, str]:
     raise UserError(
         f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; neuqi reads safetensors checkpoints only"
     )
+
+
+def _remote_weight_map(remote: Remote) -> dict[str, str]:
+    files = set(remote.listing())
+    index = remote.show(INDEX_FILE)
+    if INDEX_FILE in files:
+        try:
+            data = json.loads(remote.read(INDEX_FILE))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{index}: not valid JSON ({e})") from None
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise UserError(f"{index}: has no weight_map; re-download the checkpoint")
+        for shard in sorted(set(wm.values())):
+            _plain_file_name(shard, Path(index))
+            if shard not in files:
+                raise UserError(f"{remote.show(shard)}: shard named in {INDEX_FILE} is missing; "
+                                f"upload it")
+        return {str(k): v for k, v in wm.items()}
+    if SINGLE_FILE in files:
+        _raw, header = _read_header(SINGLE_FILE, remote)
+        return {name: SINGLE_FILE for name in header if name != "__metadata__"}
+    raise UserError(f"{remote.url}: no {SINGLE_FILE} or {INDEX_FILE}; neuqi reads safetensors "
+                    f"checkpoints only")
+
+
+#: safetensors dtype -> torch dtype, for tensors read by byte ranges from object storage
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+for _st, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _name):
+        _TORCH_DTYPES[_st] = getattr(torch, _name)
+
+
+def open_model(model: str, storage_options: dict[str, Any] | None = None,
+               arg: str = "MODEL") -> Checkpoint:
+    """The checkpoint ``model`` names: a local folder, a built-in name or a hub id as
+    :func:`resolve_model` resolves it, or a URL (``s3://bucket/model``): its small files
+    (config, tokenizer; everything but ``*.safetensors`` and the index) copied once into a cache
+    folder, its shards read by byte ranges from the URL with ``storage_options``."""
+    if not _is_url(model):
+        return Checkpoint.open(resolve_model(model, arg))
+    remote = Remote(model, storage_options)
+    try:
+        names = remote.listing()
+        if "config.json" not in names:
+            raise UserError(f"{arg} {remote.url}: no config.json there; give the URL of a model "
+                            f"folder (config.json + safetensors)")
+        cache = _remote_cache(remote.url)
+        for name in names:
+            if name.endswith(".safetensors") or name == INDEX_FILE:
+                continue
+            data = remote.read(name)
+            target = cache / name
+            if not target.is_file() or target.read_bytes() != data:
+                tmp = target.with_name(f".{name}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+        return Checkpoint.open(cache, remote)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreachable, denied, no bucket: one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{arg} {remote.url}: cannot read it ({type(e).__name__}: {msg}); "
+                        f"check the URL, --storage-options and the credentials") from None
+
+
+def _remote_cache(url: str) -> Path:
+    import os
+
+    base = Path(os.environ.get("NEUQI_CACHE", Path.home() / ".cache" / "neuqi"))
+    folder = base / "remote-models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _check_safe_open(file: Path) -> None:

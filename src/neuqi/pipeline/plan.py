@@ -277,6 +277,7 @@ class Plan:
     floor_piece: str  # the largest unavoidable piece
     probe: dict[str, float] | None
     seconds: float | None  # the whole job, estimated
+    store: StoreCost | None = None  # the job store as objects (on an object store, its cost)
 
     @property
     def device_peak(self) -> int:
@@ -301,6 +302,15 @@ class Plan:
         out = asdict(self)
         out.update(device_peak=self.device_peak, host_peak=self.host_peak, summary=self.summary())
         return out
+
+
+def store_line(cost: StoreCost) -> str:
+    """One line of the job store's objects and requests (``neuqi plan``'s output)."""
+    r = cost.requests_per_layer
+    return (f"job store objects: {cost.objects_written} written ({fmt(cost.bytes_written)}), "
+            f"at most {cost.objects_peak} held ({fmt(cost.bytes_peak)}), {cost.objects_kept} "
+            f"kept with --keep-job ({fmt(cost.bytes_kept)}); per layer about "
+            + ", ".join(f"{n} {k}" for k, n in r.items()) + " requests")
 
 
 def _hours(s: float) -> str:
@@ -427,6 +437,108 @@ def _disk(shape: ModelShape, opt: dict[str, Any]) -> tuple[int, dict[str, int], 
                      for _, o, i in shape.linears)
     output = shape.layers * (linear_out + shape.layer_other_bytes) + shape.other_bytes
     return sum(pieces.values()), pieces, output
+
+
+# ---------------------------------------------------------------------------- the job store's objects
+
+ZARR_META_BYTES = 560  # an array's zarr.json (measured on the tiny job: 490 to 557 bytes)
+RECORD_BYTES = 300  # a completion record (measured: 105 to 300 bytes)
+ROOT_BYTES = 900  # the root zarr.json with the manifest
+HESSIAN_BLOCK_BYTES = 16 * 2**20  # neuqi.stages.gptq.HESSIAN_BLOCK_BYTES (a test checks)
+
+
+@dataclass
+class StoreCost:
+    """The job store as objects (an object store's unit of cost; a local store's files are the
+    same, one file an object): every array is its ``zarr.json`` plus one object a chunk, every
+    completion record one object. ``written``: over the whole job; ``peak``: held at once;
+    ``kept``: at the end with ``--keep-job`` (without it only the records and the root stay).
+    ``requests_per_layer``: an estimate of one layer's requests by kind, from the arrays it
+    writes and reads (a chunk is one PUT or GET; creating or deleting an array lists its prefix;
+    the lease's renewals and the small metadata reads are left out). A chunk that holds only
+    zeros is not written by zarr: the counts are an upper bound by that much."""
+
+    objects_written: int
+    bytes_written: int
+    objects_peak: int
+    bytes_peak: int
+    objects_kept: int
+    bytes_kept: int
+    requests_per_layer: dict[str, int]
+
+
+def _chunked(rows: int, row_bytes: int, per: int | None = None) -> tuple[int, int]:
+    """(objects, bytes) of an uncompressed array of ``rows`` rows of ``row_bytes`` bytes, chunked
+    ``per`` rows at a time (None: about :data:`STORE_CHUNK_BYTES`), its ``zarr.json`` included;
+    the last chunk is written whole."""
+    if per is None:
+        per = max(1, min(rows, STORE_CHUNK_BYTES // max(row_bytes, 1)))
+    chunks = -(-rows // per)
+    return chunks + 1, chunks * per * row_bytes + ZARR_META_BYTES
+
+
+def store_cost(shape: ModelShape, opt: dict[str, Any]) -> StoreCost:
+    """The objects and bytes of the job's store, and requests per layer (see :class:`StoreCost`),
+    from the arrays the stages write (``neuqi.stages``: tokens and activations one window a chunk,
+    the solved parameters in about 64 MiB chunks, GPTQ's Hessians in 16 MiB row blocks)."""
+    f = DTYPE_BYTES[opt["dtype"]]
+    n, s, g = opt["nsamples"], opt["seqlen"], opt["group"]
+    acts = _chunked(n, s * shape.hidden * f, 1)
+    tokens = _chunked(n, s * 8, 1)
+    record = (1, RECORD_BYTES)
+
+    def add(*parts: tuple[int, int]) -> tuple[int, int]:
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def times(k: int, part: tuple[int, int]) -> tuple[int, int]:
+        return k * part[0], k * part[1]
+
+    q_arrays = []
+    for _, o, i in shape.linears:
+        cols = i // g if g > 0 else 1
+        q_arrays += [_chunked(o, i), *(_chunked(o, 4 * cols) for _ in range(3))]
+    diag = [_chunked(d, 4) for _, d in shape.groups]
+    h = add(*diag)
+    q = add(*q_arrays)
+    solve_records = times(len(shape.linears), record)
+    full = add(*(_chunked(d, 4 * d, max(1, HESSIAN_BLOCK_BYTES // (4 * d)))
+                 for _, d in shape.groups)) if opt["gptq"] else (0, 0)
+    distill = (0, 0)
+    if opt.get("distill_steps"):  # the distilled scales and zero-points, two norms, records
+        distill = add(*(_chunked(o, 4 * (i // g if g > 0 else 1)) for _, o, i in shape.linears
+                        for _ in range(2)), times(2, _chunked(shape.hidden, 4)),
+                      times(2, record))
+    layers = shape.layers
+    held = add((1, ROOT_BYTES), tokens, record, acts)
+    written = held
+    peak = held
+    for i in range(layers):
+        last = i == layers - 1
+        step = add(full, h, record, q, solve_records, distill)
+        if opt.get("distill_steps"):
+            step = add(step, acts)  # the full-precision stream's next inputs
+        if not last:
+            step = add(step, acts, record)
+        written = add(written, step)
+        held = add(held, step)
+        peak = (max(peak[0], held[0]), max(peak[1], held[1]))
+        gone = add(acts, full, acts if opt.get("distill_steps") else (0, 0))
+        held = (held[0] - gone[0], held[1] - gone[1])
+    written = add(written, record, record)  # pack, and without --keep-job the pruned record
+    kept = add(held, record)
+    peak = (max(peak[0], kept[0]), max(peak[1], kept[1]))
+    # one layer's requests: its arrays' chunks and zarr.json (PUT), the activations read by the
+    # Hessian and forward passes and the diagonals, full Hessians and parameters read by the
+    # solves and the packing (GET), a listing per array created or deleted
+    created = len(shape.groups) * (2 if opt["gptq"] else 1) + 4 * len(shape.linears) + 1
+    puts = add(full, h, record, q, solve_records, distill, acts, record)[0]
+    gets = 2 * n + len(shape.linears) * (1 + (full[0] // max(len(shape.groups), 1))) + q[0]
+    return StoreCost(
+        objects_written=written[0], bytes_written=written[1], objects_peak=peak[0],
+        bytes_peak=peak[1], objects_kept=kept[0], bytes_kept=kept[1],
+        requests_per_layer={"PUT": puts, "GET": gets, "LIST": created + 1,
+                            "DELETE": acts[0] + full[0]},
+    )
 
 
 def _candidates(shape: ModelShape, opt: dict[str, Any]) -> list[Knobs]:
@@ -709,7 +821,7 @@ def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
     return Plan(model=config.model, options=opt, device=device, budget=budget, knobs=k,
                 stages=stages, disk_peak=disk, disk_pieces=disk_pieces, output_bytes=output,
                 layers=shape.layers, fits=fits, floor=floor, floor_piece=piece, probe=speed,
-                seconds=seconds)
+                seconds=seconds, store=store_cost(shape, opt))
 
 
 def refuse_unless_fits(plan: Plan) -> None:

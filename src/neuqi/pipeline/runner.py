@@ -18,7 +18,7 @@ from rich.console import Console
 
 from neuqi.data.calib import calibration_windows, hub_max_chars, load_calibration_text, text_sha256
 from neuqi.formats.output import check_output_target, is_neuqi_output
-from neuqi.model.checkpoint import Checkpoint, load_tokenizer, resolve_model
+from neuqi.model.checkpoint import Checkpoint, load_tokenizer, open_model
 from neuqi.model.moe import MOE_MIN_TOKENS
 from neuqi.pipeline import plan, tasks
 from neuqi.pipeline.config import QuantizeConfig, default_job_dir
@@ -68,7 +68,7 @@ def quantize(
     if not is_remote(scheduler):
         local_device = resolve_device(device)  # refuse a bad device before any work
     config = config.resolved(local_device)  # the solver backend the job records
-    ckpt = Checkpoint.open(resolve_model(config.model))
+    ckpt = open_model(config.model, storage_options)
     if ckpt.arch.moe is not None and (config.gptq or config.distill_steps):
         raise UserError(
             f"{ckpt.path}: {'--gptq' if config.gptq else '--distill-steps'} is not supported "
