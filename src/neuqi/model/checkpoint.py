@@ -246,6 +246,7 @@ class Checkpoint:
         self._weight_map = weight_map
         self._headers = headers
         self._header_hashes = header_hashes
+        self._raw_sizes: dict[str, int] = {}  # each shard's header length (set by open)
 
     # ------------------------------------------------------------------ opening
     @classmethod
