@@ -211,7 +211,7 @@ def planned(probe: bool) -> None:
                             f"no (needs {gib(p['floor'])} GiB)", f"{gib(p['disk_peak'])} GiB",
                             f"{gib(p['output_bytes'])} GiB", *gpu_hours])
             print("| " + " | ".join(row) + " |", flush=True)
-    from neuqi.pipeline.plan import gpu_assumptions  # the CLI's line, torch-free
+    from neuqi.pipeline.gpu_time import gpu_assumptions  # the CLI's line, torch-free
 
     lines = [gpu_assumptions(speed, "float32") for speed in assumptions.values()]
     print("\nTime: the plan's GPU time model (no GPU was measured), one line each:")

@@ -76,7 +76,7 @@ class SolverBackend(str, Enum):
     reference = "reference"
 
 
-class GPU(str, Enum):  # neuqi.pipeline.plan.GPUS
+class GPU(str, Enum):  # neuqi.pipeline.gpu_time.GPUS
     rtx3090 = "rtx3090"
     rtx4090 = "rtx4090"
     a100 = "a100"
@@ -377,7 +377,7 @@ def plan(
                   f"{result.floor_piece})", highlight=False)
     console.print(result.summary(), soft_wrap=True, highlight=False, markup=False)
     if result.probe and "gpu" in result.probe:
-        from neuqi.pipeline.plan import gpu_assumptions
+        from neuqi.pipeline.gpu_time import gpu_assumptions
 
         console.print(gpu_assumptions(result.probe, config.dtype), soft_wrap=True,
                       highlight=False, markup=False)

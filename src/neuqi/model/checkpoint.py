@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from neuqi.model.architectures import ArchSpec, arch_for
+from neuqi.model.remote import Remote, is_url, remote_cache
 from neuqi.model.safety import check_path_fields
 from neuqi.util.errors import UserError
 
@@ -26,67 +27,6 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 # Largest safetensors header we accept (the format's own limit is 100 MB).
 _MAX_HEADER = 100_000_000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class Remote:
-    """A model folder on object storage (``s3://bucket/model``, any fsspec URL): its files read
-    whole when small, a safetensors shard by byte ranges (its header, then one tensor at a time;
-    never a whole shard). Picklable: dask workers receive it inside the Checkpoint and read the
-    tensors from the bucket themselves."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.url = url.rstrip("/")
-        self._options = dict(storage_options or {})
-        self._fs: Any = None
-        self._root = ""
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None}
-
-    def __repr__(self) -> str:  # never the options: they may hold credentials
-        return f"Remote({self.url!r})"
-
-    @property
-    def fs(self) -> Any:
-        if self._fs is None:
-            try:
-                from fsspec.core import url_to_fs
-            except ImportError:
-                raise UserError(f"MODEL {self.url}: a model on object storage needs fsspec (and "
-                                f"s3fs for s3://): pip install 'neuqi[s3]'") from None
-            try:
-                self._fs, root = url_to_fs(self.url, **self._options)
-            except (ImportError, ValueError) as e:
-                raise UserError(f"MODEL {self.url}: no filesystem for it ({e})") from None
-            self._root = str(root).rstrip("/")
-        return self._fs
-
-    def show(self, name: str) -> str:
-        return f"{self.url}/{name}"
-
-    def _key(self, name: str) -> str:
-        fs = self.fs
-        del fs
-        return f"{self._root}/{name}"
-
-    def size(self, name: str) -> int:
-        return int(self.fs.size(self._key(name)))
-
-    def is_file(self, name: str) -> bool:
-        return bool(self.fs.isfile(self._key(name)))
-
-    def read(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes ``start:end`` of file ``name`` (one ranged GET; the whole file without them)."""
-        return bytes(self.fs.cat_file(self._key(name), start=start, end=end))
-
-    def listing(self) -> list[str]:
-        """The file names of the folder (no subfolders)."""
-        return sorted(str(p).rsplit("/", 1)[-1] for p in self.fs.ls(self._root, detail=False)
-                      if self.fs.isfile(p))
-
-
-def _is_url(model: str) -> bool:
-    return "://" in model and not model.startswith("file://")
 
 
 def _read_header(path: Path | str, remote: Remote | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -587,7 +527,7 @@ def open_model(model: str, storage_options: dict[str, Any] | None = None,
     :func:`resolve_model` resolves it, or a URL (``s3://bucket/model``): its small files
     (config, tokenizer; everything but ``*.safetensors`` and the index) copied once into a cache
     folder, its shards read by byte ranges from the URL with ``storage_options``."""
-    if not _is_url(model):
+    if not is_url(model):
         return Checkpoint.open(resolve_model(model, arg))
     remote = Remote(model, storage_options)
     try:
@@ -595,7 +535,7 @@ def open_model(model: str, storage_options: dict[str, Any] | None = None,
         if "config.json" not in names:
             raise UserError(f"{arg} {remote.url}: no config.json there; give the URL of a model "
                             f"folder (config.json + safetensors)")
-        cache = _remote_cache(remote.url)
+        cache = remote_cache(remote.url)
         for name in names:
             if name.endswith(".safetensors") or name == INDEX_FILE:
                 continue
@@ -612,15 +552,6 @@ def open_model(model: str, storage_options: dict[str, Any] | None = None,
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{arg} {remote.url}: cannot read it ({type(e).__name__}: {msg}); "
                         f"check the URL, --storage-options and the credentials") from None
-
-
-def _remote_cache(url: str) -> Path:
-    import os
-
-    base = Path(os.environ.get("NEUQI_CACHE", Path.home() / ".cache" / "neuqi"))
-    folder = base / "remote-models" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def _check_safe_open(file: Path) -> None:

@@ -27,15 +27,15 @@ is), and a small GPTQ call.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from neuqi.pipeline.gpu_time import detect_gpu, gpu_speed, torch_cuda
+from neuqi.pipeline.shapes import ModelShape, read_shape
 from neuqi.util.errors import UserError
 
 GiB = 2**30
@@ -71,8 +71,6 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
               "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def parse_size(text: str) -> int:
@@ -86,146 +84,6 @@ def parse_size(text: str) -> int:
 
 def fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
-
-
-# ---------------------------------------------------------------------------- the model's shapes
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the plan needs to know about a checkpoint, from config.json and the headers."""
-
-    path: str
-    family: str
-    layers: int
-    hidden: int
-    vocab: int
-    linears: tuple[tuple[str, int, int], ...]  # (name relative to a layer, out, in), in order
-    groups: tuple[tuple[str, int], ...]  # (input group, its width)
-    layer_other_bytes: int  # norms, biases of one layer, as stored
-    stored_bytes: dict[str, int] = field(default_factory=dict)  # dtype name -> bytes/elt seen
-    other_bytes: int = 0  # embeddings, final norm, lm_head, as stored
-    weight_bytes: int = 2  # bytes per stored linear weight element
-    total_bytes: int = 0  # the checkpoint's tensor data
-
-    @property
-    def layer_params(self) -> int:
-        return sum(o * i for _, o, i in self.linears)
-
-    @property
-    def largest(self) -> tuple[str, int, int]:
-        return max(self.linears, key=lambda t: t[1] * t[2])
-
-
-def _header(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100 * 10**6:
-                raise UserError(f"{path}: not a safetensors file (header of {n} bytes)")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
-    except ValueError:
-        raise UserError(f"{path}: damaged safetensors header; re-download it") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _local_files(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{folder}: no config.json; give a model folder (config.json + "
-                        "safetensors) or a hub id")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        raise UserError(f"{config_path}: not valid JSON") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            raise UserError(f"{index}: not a valid safetensors index") from None
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-    if not files:  # config.json alone: the shapes transformers' model of it has
-        from neuqi.pipeline.shapes import tensors_from_config
-
-        return config, tensors_from_config(config, str(folder))
-    tensors: dict[str, Any] = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise UserError(f"{folder / name}: missing (named by the index); re-download it")
-        tensors.update(_header(folder / name))
-    return config, tensors
-
-
-def _hub_files(repo: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    try:
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
-
-        config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
-        meta = get_safetensors_metadata(repo)
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line
-        raise UserError(f"{repo}: not a local model folder, and its config and safetensors "
-                        f"headers could not be read from the hub ({type(e).__name__})") from None
-    tensors = {
-        name: {"dtype": info.dtype, "shape": info.shape}
-        for file in meta.files_metadata.values() for name, info in file.tensors.items()
-    }
-    return config, tensors
-
-
-def read_shape(model: str) -> ModelShape:
-    """The checkpoint's shapes from config.json and its safetensors headers (no tensor data)."""
-    from neuqi.model.demo import BUILTIN, ensure_builtin
-    from neuqi.model.layers import arch_for
-
-    folder = Path(model).expanduser()
-    if not folder.exists() and model in BUILTIN:  # as quantize reads it: converted once
-        folder = ensure_builtin(model)
-    if folder.is_dir():
-        config, tensors = _local_files(folder)
-    elif model.count("/") == 1 and not folder.exists() and not model.startswith((".", "/")):
-        config, tensors = _hub_files(model)
-    else:
-        raise UserError(f"{model}: no such model folder")
-    arch = arch_for(config, tensors)  # MoE block (Mixtral): as the checkpoint names it
-    layers = int(config.get("num_hidden_layers", 0))
-    if layers < 1:
-        raise UserError(f"{model}: config.json has no num_hidden_layers")
-    # the largest layer (an MoE model's sparse layers are larger than its dense ones)
-    index = max(range(layers), key=lambda i: (len(arch.linears_of(i)), -i))
-    prefix = arch.layer_prefix(index)
-    linears = []
-    weight_bytes = 2
-    for linear in arch.linears_of(index):
-        info = tensors.get(f"{prefix}{linear}.weight")
-        if info is None:
-            raise UserError(f"{model}: tensor {prefix}{linear}.weight is not in the checkpoint")
-        out_f, in_f = info["shape"]
-        linears.append((linear, int(out_f), int(in_f)))
-        weight_bytes = ST_BYTES.get(info["dtype"], 4)
-    widths = {lin: i for lin, _, i in linears}
-    groups = tuple((g, widths[names[0]]) for g, names in arch.groups(index))
-    quantized = {f"{prefix}{lin}.weight" for lin in arch.linears_of(index)}
-
-    def nbytes(info: dict[str, Any]) -> int:
-        return math.prod(info["shape"]) * ST_BYTES.get(info["dtype"], 4)
-
-    layer_other = sum(nbytes(t) for n, t in tensors.items()
-                      if n.startswith(prefix) and n not in quantized)
-    in_layers = arch.layers_prefix + "."
-    other = sum(nbytes(t) for n, t in tensors.items() if not n.startswith(in_layers))
-    embed = tensors.get(arch.embed)
-    vocab = int(embed["shape"][0]) if embed else int(config.get("vocab_size", 0))
-    return ModelShape(
-        path=str(model), family=str(config.get("model_type")), layers=layers,
-        hidden=int(config["hidden_size"]), vocab=vocab, linears=tuple(linears), groups=groups,
-        layer_other_bytes=layer_other, other_bytes=other, weight_bytes=weight_bytes,
-        total_bytes=sum(nbytes(t) for t in tensors.values()),
-    )
 
 
 # ---------------------------------------------------------------------------- knobs and stages
@@ -725,67 +583,6 @@ def _seconds(shape: ModelShape, opt: dict[str, Any], k: Knobs, speed: dict[str, 
     return shape.layers * (hes + solve) + (shape.layers - 1) * fwd
 
 
-# ---------------------------------------------------------------------------- GPU time model
-
-# The plan's time on a GPU is a stated model, not a probe of this machine (which may have no GPU):
-# dense peak rates from the vendors' data sheets at MATMUL_EFFICIENCY, the NeUQI search at the
-# triton kernel's rate, GPTQ as its column-block updates plus a launch cost per column, and the
-# checkpoint read at DISK_BYTES_PER_S. The solver and GPTQ rates are ASSUMED until
-# `benchmarks/gpu_check.py` has run on that GPU; its measured figures then replace them here (the
-# "source" of each entry says which).
-MATMUL_EFFICIENCY = 0.6  # of the dense peak, for the calibration passes' large matmuls
-DISK_BYTES_PER_S = 2e9  # an NVMe SSD reading the checkpoint's layer shards
-GPTQ_COLUMN_SECONDS = 1e-4  # kernel launches of one GPTQ column (a few small ops each)
-# name: (device name contains, fp32 dense FLOP/s, bf16 tensor-core dense FLOP/s with fp32
-# accumulation, NeUQI solver weights/s, source of the solver rate)
-GPUS: dict[str, tuple[str, float, float, float, str]] = {
-    "rtx3090": ("3090", 35.6e12, 71e12, 25e6, "assumed: H100's, scaled by fp32 rate"),
-    "rtx4090": ("4090", 82.6e12, 165.2e12, 60e6, "assumed: H100's, scaled by fp32 rate"),
-    "a100": ("A100", 19.5e12, 312e12, 15e6, "assumed: H100's, scaled by fp32 rate"),
-    "h100": ("H100", 67e12, 989e12, 50e6, "assumed: the 50 M weights/s the kernel is built to"),
-}
-
-
-def _torch_cuda() -> bool:
-    """Whether torch sees a CUDA device here (torch imported only when asked)."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def detect_gpu(device: str = "cuda") -> str | None:
-    """The :data:`GPUS` name of the CUDA device here, or None (no GPU, or one not listed)."""
-    import torch
-
-    if not _torch_cuda():
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((key for key, (tag, *_) in GPUS.items() if tag.lower() in name.lower()), None)
-
-
-def gpu_speed(gpu: str, dtype: str) -> dict[str, Any]:
-    """The speed entries of :func:`_seconds` for ``gpu`` (a :data:`GPUS` name) computing in
-    ``dtype``: the stated model, with what it assumed in ``assumptions``."""
-    if gpu not in GPUS:
-        raise UserError(f"--gpu {gpu}: choose one of {', '.join(GPUS)}")
-    _, fp32, bf16, solver, source = GPUS[gpu]
-    peak = fp32 if dtype == "float32" else bf16
-    return {"matmul_flops": MATMUL_EFFICIENCY * peak, "solver_weights_per_s": solver,
-            "gptq_flops": MATMUL_EFFICIENCY * fp32, "gptq_column_seconds": GPTQ_COLUMN_SECONDS,
-            "disk_bytes_per_s": DISK_BYTES_PER_S, "gpu": gpu, "solver_source": source}
-
-
-def gpu_assumptions(speed: dict[str, Any], dtype: str) -> str:
-    """One line: what the GPU time model of ``speed`` assumed."""
-    return (f"time model for {speed['gpu']}: calibration matmuls ({dtype}) at "
-            f"{speed['matmul_flops'] / 1e12:.0f} TFLOP/s ({MATMUL_EFFICIENCY:.0%} of dense peak), "
-            f"NeUQI search {speed['solver_weights_per_s'] / 1e6:.0f} M weights/s "
-            f"({speed['solver_source']}), GPTQ's updates at "
-            f"{speed['gptq_flops'] / 1e12:.0f} TFLOP/s fp32 + "
-            f"{speed['gptq_column_seconds'] * 1e6:.0f} us per column, checkpoint read at "
-            f"{speed['disk_bytes_per_s'] / 1e9:.0f} GB/s")
-
-
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -795,7 +592,7 @@ def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
     """The plan of ``config`` (a QuantizeConfig) on ``device`` under ``budget`` bytes (None:
     ``config.max_memory``, else the default headroom of that device); ``model``: the resolved
     model folder (default ``config.model``). On a CUDA device the time comes from the GPU time
-    model of ``gpu`` (a :data:`GPUS` name; default: the GPU detected here, else none and no
+    model of ``gpu`` (a :data:`neuqi.pipeline.gpu_time.GPUS` name; default: the GPU detected here, else none and no
     time), not from a probe."""
     config.validate()
     shape = read_shape(model or config.model)
@@ -810,7 +607,7 @@ def make_plan(config: Any, device: str = "cpu", budget: int | None = None,
         gpu = gpu or detect_gpu(device)
         if gpu:
             speed = gpu_speed(gpu, config.dtype)
-        elif _torch_cuda():  # a GPU the model does not list: probe it
+        elif torch_cuda():  # a GPU the model does not list: probe it
             speed = probe(device, config.method, config.dtype, config.group_size, config.gptq)
     elif gpu:
         raise UserError(f"--gpu {gpu} is for --device cuda: the time on {device} is probed here")
