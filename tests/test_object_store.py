@@ -348,3 +348,34 @@ def test_server_stopped_mid_job_is_one_line_and_the_rerun_is_bitwise(
         server.stop()
     assert rerun.returncode == 0, rerun.stderr
     assert output_files(tmp_path / "out") == reference
+
+
+def test_denied_credentials_are_one_line_before_any_work(tiny_llama: Path, tmp_path: Path) -> None:
+    """A second S3 server that checks credentials (moto with authentication on from its first
+    request): a key it does not know is refused in one line naming the job store, exit 2, and
+    the key's secret is not in it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, **FAKE_ENV, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it listens
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
+            time.sleep(0.2)
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIAUNKNOWN000000000",
+                   "secret": SECRET}
+        out = tmp_path / "out"
+        r = neuqi(*_cli_job(tiny_llama, out, "s3://bucket/job", options), env=FAKE_ENV)
+        line = one_line_error(r)
+        assert "s3://bucket/job: access denied" in line, line
+        assert SECRET not in r.stdout + r.stderr
+        assert not out.exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
