@@ -176,7 +176,7 @@ SUMMARY_COLUMNS = ["model", "job", "peak GPU memory", "fits a 24 GB GPU (20 GiB)
 
 
 def planned(probe: bool) -> None:
-    started = records.machine()
+    where = records.machine()
     print("\n## planned, full models (`neuqi plan --device cuda --max-memory 20GiB "
           f"{' '.join(ACCEPT)} [--gptq]`)\n")
     print("| " + " | ".join(PLANNED_COLUMNS) + " |")
@@ -225,9 +225,9 @@ def planned(probe: bool) -> None:
             "not measured: " + "; ".join(lines) + ".")
     records.save("scale-planned", "Huge checkpoints, planned", PLANNED_COLUMNS, rows, command,
                  note + (" This CPU: the plan's probe of this machine." if probe else ""),
-                 where=started)
+                 where=where)
     records.save("scale-summary", "70B to 405B on one 24 GB GPU, planned", SUMMARY_COLUMNS,
-                 summary, command, note, where=started)
+                 summary, command, note, where=where)
 
 
 def measure_shape(args: argparse.Namespace, key: str, layer_counts: list[int],

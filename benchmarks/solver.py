@@ -141,19 +141,18 @@ def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int
     """Time the paper's search and every backend on one weight, bits, group size and method;
     print a table row each (and append its cells to ``table``)."""
 
-    def row(line: str) -> None:
-        print(line, flush=True)
+    def row(*cells: object) -> None:
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
         if table is not None:
-            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            table.append([str(c) for c in cells])
 
     n = weight.numel()
     paper_s = paper_l = None
     if paper and method == "neuqi":
         paper_s, loss, _ = timed(lambda w: paper_loss(w, h_diag, bits, group), weight, device)
         paper_l = loss.sum(dtype=torch.float64).item()
-        row(f"| {label} | {bits} | {group} | paper's search | - | {paper_s:.3f} "
-            f"| {n / paper_s / 1e6:.3f} | 1.00x | - | 1.000000 | - | - "
-            f"| {hours(n / paper_s)} |")
+        row(label, bits, group, "paper's search", "-", f"{paper_s:.3f}",
+            f"{n / paper_s / 1e6:.3f}", "1.00x", "-", "1.000000", "-", "-", hours(n / paper_s))
     ref_s = ref_l = ref_q = None
     # the reference compiles its search (torch.compile) for tensors of at least
     # COMPILE_MIN_WEIGHTS, as every full 70B matrix is: give a slice the full matrix's setting
@@ -177,9 +176,8 @@ def bench_case(label: str, weight: Tensor, h_diag: Tensor, bits: int, group: int
         if ref_q is not None and backend != "reference":
             lr, lf = loss64(weight, h_diag, ref_q, bits), loss64(weight, h_diag, q, bits)
             excess = f"{max(0.0, ((lf - lr) / lr.clamp_min(1e-30)).max().item()):.1e}"
-        row(f"| {label} | {bits} | {group} | {method} | {name} | {seconds:.3f} "
-            f"| {n / seconds / 1e6:.3f} | {vs_paper} | {vs_ref} | {loss_paper} | {loss_ref} "
-            f"| {excess} | {hours(n / seconds)} |")
+        row(label, bits, group, method, name, f"{seconds:.3f}", f"{n / seconds / 1e6:.3f}",
+            vs_paper, vs_ref, loss_paper, loss_ref, excess, hours(n / seconds))
 
 
 def main() -> None:

@@ -50,8 +50,7 @@ class Remote:
         return f"{self.url}/{name}"
 
     def _key(self, name: str) -> str:
-        fs = self.fs
-        del fs
+        self.fs  # noqa: B018 - opening the filesystem sets _root
         return f"{self._root}/{name}"
 
     def size(self, name: str) -> int:
@@ -71,6 +70,7 @@ class Remote:
 
 
 def is_url(model: str) -> bool:
+    """Whether ``model`` (a MODEL or a job store) names object storage, not a local path."""
     return "://" in model and not model.startswith("file://")
 
 

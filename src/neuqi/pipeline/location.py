@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from neuqi.model.remote import is_url
 from neuqi.util.errors import UserError
 
 __all__ = ["Location", "parse_storage_options", "storage_errors"]
@@ -46,10 +47,6 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
-
-
 class Location:
     """A job store's place: ``local`` (a folder) or ``protocol`` + ``root`` (``bucket/prefix``)
     on an fsspec filesystem. Picklable (dask workers receive it inside the JobStore); the
@@ -60,7 +57,7 @@ class Location:
         self._options = dict(storage_options or {})
         self._fs: Any = None
         self._zstore: Any = None
-        if not _is_url(text):
+        if not is_url(text):
             self.local: Path | None = Path(text.removeprefix("file://")).expanduser().absolute()
             self.protocol = "file"
             self.root = str(self.local)
